@@ -1,0 +1,127 @@
+"""The project's embedding format: a directory of safetensors shards plus ids and an index.
+
+```
+<dir>/index.json            {"format", "encoder": {...identity...}, "dim", "count", "shards": [...]}
+<dir>/ids.parquet           one column ``id``, in row order
+<dir>/shard-00000.safetensors   tensor ``embeddings`` (rows x dim, float32, L2-normalized)
+```
+Every set records the encoder that made it, so mixing two encoders' embeddings is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from safetensors.numpy import load_file, save_file
+
+from revision.errors import InputError
+
+FORMAT = "revision-embeddings/1"
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    rows: int
+
+
+class EmbeddingWriter:
+    """Append (ids, vectors) batches; full shards go to disk as they fill. Call ``close`` to finish."""
+
+    def __init__(self, directory: str | Path, encoder: dict, dim: int, shard_size: int = 4096):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.encoder, self.dim, self.shard_size = encoder, dim, shard_size
+        self.ids: list[str] = []
+        self.shards: list[Shard] = []
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+
+    def add(self, ids: list[str], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(ids) != len(vectors):
+            raise ValueError(f"expected {len(ids)} x {self.dim} vectors, got {vectors.shape}")
+        self.ids.extend(ids)
+        self._buffer.append(vectors)
+        self._buffered += len(vectors)
+        while self._buffered >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, rows: int) -> None:
+        block = np.concatenate(self._buffer) if self._buffer else np.zeros((0, self.dim), np.float32)
+        head, rest = block[:rows], block[rows:]
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({"embeddings": np.ascontiguousarray(head)}, str(self.dir / name))
+        self.shards.append(Shard(name, len(head)))
+        self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> dict:
+        if self._buffered:
+            self._flush(self._buffered)
+        duplicates = pd.Index(self.ids)[pd.Index(self.ids).duplicated()]
+        if len(duplicates):
+            raise InputError(f"{self.dir}: duplicate ids, e.g. {list(duplicates[:3])}")
+        pd.DataFrame({"id": self.ids}).to_parquet(self.dir / "ids.parquet", index=False)
+        index = {
+            "format": FORMAT,
+            "encoder": self.encoder,
+            "dim": self.dim,
+            "count": len(self.ids),
+            "shards": [s.__dict__ for s in self.shards],
+        }
+        (self.dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return index
+
+
+class EmbeddingSet:
+    """Read side of the format: metadata up front, vectors streamed shard by shard."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        index_path = self.dir / "index.json"
+        if not index_path.exists():
+            raise InputError(f"{index_path}: not found; is {self.dir} an embedding directory?")
+        index = json.loads(index_path.read_text())
+        if index.get("format") != FORMAT:
+            raise InputError(f"{index_path}: unknown format {index.get('format')!r}")
+        self.encoder: dict = index["encoder"]
+        self.dim: int = index["dim"]
+        self.count: int = index["count"]
+        self.shards = [Shard(**s) for s in index["shards"]]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def ids(self) -> list[str]:
+        return pd.read_parquet(self.dir / "ids.parquet")["id"].astype(str).tolist()
+
+    def iter_shards(self) -> Iterator[tuple[Path, int, np.ndarray]]:
+        """Yield (file, first row index, vectors) per shard."""
+        start = 0
+        for shard in self.shards:
+            path = self.dir / shard.file
+            vectors = load_file(str(path))["embeddings"]
+            yield path, start, vectors
+            start += len(vectors)
+
+    def load(self) -> np.ndarray:
+        if not self.shards:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate([v for _, _, v in self.iter_shards()])
+
+
+def check_same_encoder(*sets: EmbeddingSet) -> dict:
+    """All sets must come from one encoder; returns its identity."""
+    first = sets[0]
+    for other in sets[1:]:
+        if other.encoder.get("id") != first.encoder.get("id"):
+            raise InputError(
+                f"{other.dir}: made by encoder {other.encoder.get('id')} but {first.dir} by "
+                f"{first.encoder.get('id')}; re-embed both with one encoder"
+            )
+    return first.encoder

@@ -1,0 +1,169 @@
+"""Disjoint splits of the bundled (and the user's) data, written as manifests.
+
+```
+<out>/images/<id>.png        images of every split that keeps its images
+<out>/encoder_pairs.parquet  id, image, caption, labels      (trains the dual encoder)
+<out>/text_corpus.parquet    id, text, labels                (unpaired text: its images are in no split)
+<out>/image_pool.parquet     id, image, labels               (unpaired images: no captions)
+<out>/pretrain_pairs.parquet id, image, caption, labels      (paired baseline only)
+<out>/sft.json               LLaVA JSON conversations
+<out>/eval.parquet           id, image, captions, questions (JSON), labels
+```
+Labels are ``source``, ``class_name``, ``colour`` and the JSON ``attrs`` they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from revision.captions import CAPTION_PROMPTS, caption, distinct_captions, questions
+from revision.config import PrepareConfig, SplitSizes
+from revision.errors import InputError
+from revision.sources import Item, load_easyvqa, load_fashion_mnist
+from revision.userdata import read_llava, read_revision_dataset
+
+SPLITS = ("encoder", "text", "image_pool", "pretrain", "sft")
+MANIFESTS = ("encoder_pairs", "text_corpus", "image_pool", "pretrain_pairs", "eval")
+
+
+def _labels(item: Item) -> dict:
+    return {
+        "source": item.source,
+        "class_name": item.attrs.get("class_name"),
+        "colour": item.attrs.get("colour"),
+        "attrs": json.dumps(item.attrs, sort_keys=True),
+    }
+
+
+def _load_pools(source: str) -> tuple[list[Item], list[Item]]:
+    if source == "easyvqa":
+        return load_easyvqa("train"), load_easyvqa("test")
+    return load_fashion_mnist("train"), load_fashion_mnist("t10k")
+
+
+def split_source(source: str, sizes: SplitSizes, rng: random.Random) -> dict[str, list[Item]]:
+    """Shuffle the source's train pool once and cut it into disjoint splits; eval comes from its test pool."""
+    train, test = _load_pools(source)
+    need = sum(getattr(sizes, s) for s in SPLITS)
+    if need > len(train):
+        raise InputError(f"params.yaml: prepare.sources.{source}: splits need {need} train images, {len(train)} exist")
+    if sizes.eval > len(test):
+        raise InputError(f"params.yaml: prepare.sources.{source}.eval: {sizes.eval} > {len(test)} test images")
+    rng.shuffle(train)
+    rng.shuffle(test)
+    splits, start = {}, 0
+    for name in SPLITS:
+        n = getattr(sizes, name)
+        splits[name] = train[start : start + n]
+        start += n
+    splits["eval"] = test[: sizes.eval]
+    return splits
+
+
+def _conversation(item: Item, rng: random.Random) -> list[dict[str, str]]:
+    """Caption request and questions in random order; the image token leads the first human turn."""
+    turns = [(rng.choice(CAPTION_PROMPTS), caption(item, rng))]
+    qas = questions(item, rng)
+    turns += [(qa["question"], qa["answer"]) for qa in rng.sample(qas, min(2, len(qas)))]
+    rng.shuffle(turns)
+    conv = []
+    for i, (question, answer) in enumerate(turns):
+        prefix = "<image>\n" if i == 0 else ""
+        conv += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
+    return conv
+
+
+def build_tables(splits: dict[str, list[Item]], cfg: PrepareConfig, rng: random.Random) -> dict:
+    """Manifest rows (image paths relative to the output folder) for bundled items."""
+    img = lambda item: f"images/{item.id}.png"  # noqa: E731
+    tables: dict[str, list] = {name: [] for name in (*MANIFESTS, "sft")}
+    for item in splits["encoder"]:
+        tables["encoder_pairs"].append({"id": item.id, "image": img(item), "caption": caption(item, rng), **_labels(item)})
+    for item in splits["text"]:
+        for k, text in enumerate(distinct_captions(item, cfg.captions_per_text_image, rng)):
+            tables["text_corpus"].append({"id": f"txt-{item.id}-{k}", "text": text, **_labels(item)})
+    for item in splits["image_pool"]:
+        tables["image_pool"].append({"id": item.id, "image": img(item), **_labels(item)})
+    for item in splits["pretrain"]:
+        tables["pretrain_pairs"].append({"id": item.id, "image": img(item), "caption": caption(item, rng), **_labels(item)})
+    for item in splits["sft"]:
+        tables["sft"].append({"id": item.id, "image": img(item), "conversations": _conversation(item, rng)})
+    for item in splits["eval"]:
+        tables["eval"].append({
+            "id": item.id, "image": img(item),
+            "captions": distinct_captions(item, cfg.eval_captions, rng),
+            "questions": json.dumps(questions(item, rng)),
+            **_labels(item),
+        })  # fmt: skip
+    return tables
+
+
+def _user_labels(source: str) -> dict:
+    return {"source": source, "class_name": None, "colour": None, "attrs": "{}"}
+
+
+def add_user_data(tables: dict, images_dir: Path, cfg: PrepareConfig, rng: random.Random) -> None:
+    """Append the user's dataset.json (unpaired) and LLaVA JSON (paired conversations) to the tables."""
+    if cfg.user_dataset:
+        images, texts = read_revision_dataset(cfg.user_dataset)
+        for image in images:
+            tables["image_pool"].append({"id": image.id, "image": _copy_image(image.path, image.id, images_dir), **_user_labels("user")})
+        for text in texts:
+            tables["text_corpus"].append({**text, **_user_labels("user")})
+    if cfg.user_llava:
+        records = read_llava(cfg.user_llava)
+        rng.shuffle(records)
+        n_eval = max(1, round(len(records) * cfg.user_eval_fraction))
+        n_pairs = round(len(records) * cfg.user_pairs_fraction)
+        for i, r in enumerate(records):
+            image = _copy_image(r["image"], r["id"], images_dir)
+            labels = _user_labels("user")
+            if i < n_eval:
+                tables["eval"].append({"id": r["id"], "image": image, "captions": [r["caption"]], "questions": "[]", **labels})
+            elif i < n_eval + n_pairs:
+                table = "encoder_pairs" if i % 2 else "pretrain_pairs"
+                tables[table].append({"id": r["id"], "image": image, "caption": r["caption"], **labels})
+            else:
+                tables["sft"].append({"id": r["id"], "image": image, "conversations": r["conversations"]})
+
+
+def _copy_image(src: Path, image_id: str, images_dir: Path) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)
+    dest = images_dir / f"{safe}{src.suffix.lower() or '.png'}"
+    shutil.copyfile(src, dest)
+    return f"images/{dest.name}"
+
+
+def _check_unique_ids(tables: dict) -> None:
+    owner: dict[str, str] = {}
+    for name, rows in tables.items():
+        for row in rows:
+            if row["id"] in owner:
+                raise InputError(f"duplicate id {row['id']!r} in {name} and {owner[row['id']]}")
+            owner[row["id"]] = name
+
+
+def prepare(cfg: PrepareConfig, out: Path) -> dict[str, int]:
+    """Write every manifest into ``out`` (an empty folder); returns row counts per manifest."""
+    rng = random.Random(cfg.seed)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True)
+    tables: dict[str, list] = {name: [] for name in (*MANIFESTS, "sft")}
+    for source, sizes in sorted(cfg.sources.items()):
+        splits = split_source(source, sizes, random.Random(f"{cfg.seed}-{source}"))
+        for name, rows in build_tables(splits, cfg, rng).items():
+            tables[name].extend(rows)
+        for name in ("encoder", "image_pool", "pretrain", "sft", "eval"):
+            for item in splits[name]:
+                item.image().save(images_dir / f"{item.id}.png")
+    add_user_data(tables, images_dir, cfg, rng)
+    _check_unique_ids(tables)
+    for name in MANIFESTS:
+        pd.DataFrame(tables[name]).to_parquet(out / f"{name}.parquet", index=False)
+    (out / "sft.json").write_text(json.dumps(tables["sft"], indent=1))
+    return {name: len(rows) for name, rows in tables.items()}

@@ -1,0 +1,5 @@
+NAME = "embed"
+HELP = "todo"
+
+def main() -> None:
+    raise SystemExit("not yet")
