@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import typer
 
+from revision.config import apply_profile
 from revision.errors import InputError
 from revision.tracking import apply_offline_defaults
-from stages import embed, encoder, prepare
+from stages import embed, encoder, prepare, realign
 
 apply_offline_defaults()
 
@@ -35,5 +37,19 @@ def clean_errors(fn):
     return wrapper
 
 
-for module in (prepare, encoder, embed):
+for module in (prepare, encoder, embed, realign):
     app.command(module.NAME, help=module.HELP)(clean_errors(module.main))
+
+
+@app.command("profile")
+@clean_errors
+def profile(
+    name: str = typer.Argument(..., help="a profile under profiles/, e.g. 'tiny'"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file to rewrite"),
+) -> None:
+    """Merge profiles/NAME.yaml over params.yaml (e.g. `revision profile tiny` for a 1-minute smoke run)."""
+    path = Path("profiles") / f"{name}.yaml"
+    if not path.exists():
+        raise InputError(f"{path}: no such profile (have: {', '.join(p.stem for p in Path('profiles').glob('*.yaml'))})")
+    apply_profile(path, params)
+    typer.echo(f"{params}: merged {path}")

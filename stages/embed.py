@@ -1,5 +1,51 @@
-NAME = "embed"
-HELP = "todo"
+"""``revision embed``: every split through the frozen encoder, as sharded normalized embeddings."""
 
-def main() -> None:
-    raise SystemExit("not yet")
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import typer
+
+from revision.config import EmbedConfig, describe, load_stage_config, read_params
+from revision.embedding import embed_job, jobs_from_manifests
+from revision.encoders import load_encoder
+from revision.outputs import atomic_dir, write_json
+from revision.tracking import stage_run
+
+NAME = "embed"
+HELP = (
+    "Embed the unpaired text corpus, the unpaired image pool and the images of every other split (plus the "
+    "eval captions) with the frozen encoder: L2-normalized float32 safetensors shards with ids, recording the "
+    "encoder's identity. Work is split across processes when launched with `accelerate launch -m stages "
+    "embed`.\n\nParams read (params.yaml):\n\n" + describe(EmbedConfig, "embed")
+)
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'embed' block"),
+    prepared: Path = typer.Option(Path("data/prepared"), help="manifests from `revision prepare`"),
+    encoder_dir: Path = typer.Option(Path("data/encoder"), help="encoder from `revision encoder`"),
+    out: Path = typer.Option(Path("data/embeddings"), help="output folder, one embedding set per subfolder"),
+    metrics: Path = typer.Option(Path("reports/embed.json"), help="DVC metrics file"),
+) -> None:
+    from accelerate import Accelerator
+
+    cfg: EmbedConfig = load_stage_config(NAME, params)
+    accelerator = Accelerator()
+    encoder, identity = load_encoder(encoder_dir)
+    encoder.to(accelerator.device)
+    jobs = jobs_from_manifests(prepared)
+    is_main = accelerator.is_main_process
+    rates = {}
+    with stage_run(NAME, read_params(params)[NAME], is_main) as run:
+        with atomic_dir(out) if is_main else nullcontext(out) as tmp:
+            for job in jobs:
+                rates[job.name] = embed_job(encoder, identity, job, tmp, cfg.batch_size, cfg.shard_size, accelerator)
+            accelerator.wait_for_everyone()
+        rows = {f"rows_{j.name}": len(j.ids) for j in jobs}
+        run.log_metrics(rows | {f"rows_per_s_{k}": v for k, v in rates.items()})
+    if is_main:  # throughput goes to MLflow only: the DVC metrics stay identical run to run
+        write_json(metrics, {"encoder": identity, **rows})
+        typer.echo("embed: " + ", ".join(f"{j.name}={len(j.ids)}" for j in jobs))
+

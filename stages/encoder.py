@@ -12,7 +12,7 @@ from revision.config import EncoderConfig, describe, load_stage_config, read_par
 from revision.contrastive import train_heads
 from revision.encoders import LitEncoder, batched, build_encoder, save_encoder
 from revision.images import read_image
-from revision.outputs import atomic_dir, write_json
+from revision.outputs import atomic_dir, atomic_file, write_json
 from revision.tracking import stage_run
 from revision.zeroshot import modality_gap, zero_shot_accuracy
 
@@ -35,11 +35,13 @@ def main(
     prepared: Path = typer.Option(Path("data/prepared"), help="manifests from `revision prepare`"),
     out: Path = typer.Option(Path("data/encoder"), help="output folder: encoder.json (+ heads.safetensors)"),
     metrics: Path = typer.Option(Path("reports/encoder.json"), help="DVC metrics file"),
+    loss_plot: Path = typer.Option(Path("reports/encoder_loss.csv"), help="contrastive loss per epoch (DVC plot)"),
 ) -> None:
     cfg: EncoderConfig = load_stage_config(NAME, params)
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg)
     results: dict[str, float] = {}
+    history: list[float] = []
     with stage_run(NAME, read_params(params)[NAME]) as run, atomic_dir(out) as tmp:
         if isinstance(encoder, LitEncoder):
             pairs = pd.read_parquet(prepared / "encoder_pairs.parquet")
@@ -48,11 +50,14 @@ def main(
             image_feats = batched(lambda r: encoder.image_tower(read(r)), rows, cfg.batch_size, "image features")
             text_feats = batched(encoder.text_tower, pairs["caption"].tolist(), cfg.batch_size, "text features")
             history = train_heads(encoder, text_feats, image_feats, cfg.lit, cfg.seed, run.log_metrics)
-            results.update(contrastive_loss_first=history[0], contrastive_loss_last=history[-1]) if history else None
+            if history:
+                results.update(contrastive_loss_first=history[0], contrastive_loss_last=history[-1])
         identity = save_encoder(encoder, cfg, tmp)
         results.update(evaluate_encoder(encoder, prepared, cfg.batch_size))
         run.log_metrics(results)
     write_json(metrics, {"encoder": identity, **results})
+    with atomic_file(loss_plot) as tmp_csv:
+        pd.DataFrame({"epoch": range(len(history)), "contrastive_loss": history}).to_csv(tmp_csv, index=False)
     typer.echo(f"encoder {identity['id']} ({identity['name']}): " + ", ".join(f"{k}={v:.3f}" for k, v in results.items()))
 
 

@@ -75,7 +75,30 @@ class EmbedConfig(Strict):
     shard_size: int = Field(4096, ge=1, description="rows per output shard file")
 
 
-# --- realign: RealignConfig goes here ---
+class RealignConfig(Strict):
+    """Text -> image embedding alignment (ReAlign and the alternatives to compare it with)."""
+
+    method: Literal["realign", "none", "mean_shift", "c3", "block_cov"] = Field(
+        "realign",
+        description="realign (the switches below) | none | mean_shift (Unicorn: subtract the text mean) | "
+        "c3 (centre each modality, add noise) | block_cov (whiten text, colour with image covariance)",
+    )
+    anchor: bool = Field(True, description="(realign) move the text mean onto the image mean; off: keep the text mean")
+    trace: bool = Field(
+        True, description="(realign) scale the spread around the text mean by sqrt(trace_img / trace_txt), then normalize"
+    )
+    centroid: bool = Field(
+        True, description="(realign) after normalizing, re-centre on the anchor target (fitted mu_hat), normalize again"
+    )
+    noise_std: float = Field(0.1, ge=0, description="(c3) std of the Gaussian noise added to each text coordinate")
+    seed: int = Field(0, description="seeds the c3 noise and the gap report's subsamples")
+    shrinkage: float = Field(
+        0.1, ge=0, le=1, description="(block_cov) shrink both covariances toward a scaled identity by this share"
+    )
+    chunk_rows: int = Field(8192, ge=1, description="rows per streamed chunk; memory ~ chunk_rows x dim x 8 bytes x 4")
+    report_sample: int = Field(2000, ge=10, description="rows per modality for the O(N^2) gap metrics and plots")
+    report_k: int = Field(10, ge=1, description="neighbours for the kNN modality-mixing metric")
+    probe_max_rows: int = Field(20000, ge=10, description="most rows per set for the logistic-regression probe")
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -84,6 +107,7 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "prepare": PrepareConfig,
     "encoder": EncoderConfig,
     "embed": EmbedConfig,
+    "realign": RealignConfig,
 }
 
 
@@ -126,3 +150,20 @@ def describe(model: type[BaseModel], prefix: str) -> str:
         desc = f": {field.description}" if field.description else ""
         lines.append(f"{prefix}.{name}{desc}")
     return "\n\n".join(lines)
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "sources":
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_profile(profile: str | Path, params: str | Path = "params.yaml") -> dict:
+    """Merge a profile's overrides (e.g. ``profiles/tiny.yaml``) over ``params`` in place."""
+    merged = deep_merge(read_params(params), read_params(profile))
+    Path(params).write_text(yaml.safe_dump(merged, sort_keys=False))
+    return merged

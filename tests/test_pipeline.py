@@ -1,0 +1,73 @@
+"""The real CLI through `dvc repro` on the tiny profile, in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pandas as pd
+
+from revision.embeddings import EmbeddingSet
+from tests.conftest import run
+
+
+def test_repro_writes_every_stage_output(tiny_repo):
+    prepared = tiny_repo / "data" / "prepared"
+    for name in ("encoder_pairs", "text_corpus", "image_pool", "pretrain_pairs", "eval"):
+        assert not pd.read_parquet(prepared / f"{name}.parquet").empty, name
+    assert json.loads((prepared / "sft.json").read_text())
+    assert (tiny_repo / "data" / "encoder" / "encoder.json").exists()
+    metrics = json.loads((tiny_repo / "reports" / "encoder.json").read_text())
+    assert {"modality_gap", "zeroshot_fashion_mnist_class", "zeroshot_easyvqa_colour"} <= set(metrics)
+
+
+def test_embeddings_are_normalized_complete_and_tagged_with_the_encoder(tiny_repo):
+    identity = json.loads((tiny_repo / "data" / "encoder" / "encoder.json").read_text())["identity"]
+    text = pd.read_parquet(tiny_repo / "data" / "prepared" / "text_corpus.parquet")
+    emb = EmbeddingSet(tiny_repo / "data" / "embeddings" / "text")
+    assert emb.ids() == text["id"].tolist()  # every row, in manifest order
+    assert len(emb.shards) > 1  # the tiny profile's shard size forces several shards
+    vectors = emb.load()
+    assert vectors.dtype == np.float32 and vectors.shape == (len(text), identity["dim"])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    for name in ("image_pool", "eval_images", "eval_text", "sft_images", "pretrain_images", "encoder_images"):
+        assert EmbeddingSet(tiny_repo / "data" / "embeddings" / name).encoder == identity
+
+
+def test_each_stage_logs_one_mlflow_run_with_params_and_git_tag(tiny_repo):
+    db = sqlite3.connect(tiny_repo / "mlflow.db")
+    runs = dict(db.execute("select run_uuid, name from runs").fetchall())
+    assert sorted(runs.values()) == sorted(set(runs.values()))  # one run per stage
+    assert {"prepare", "encoder", "embed"} <= set(runs.values())
+    tags = db.execute("select key, value from tags where key='git_revision'").fetchall()
+    head = run(["git", "rev-parse", "HEAD"], tiny_repo).stdout.strip()
+    assert tags and all(v == head for _, v in tags)
+    params = {k for (k,) in db.execute("select key from params")}
+    assert "encoder.lit.embed_dim" in params and "embed.shard_size" in params
+
+
+def test_dag_and_param_change_rerun_only_dependents(tiny_repo):
+    dag = run(["dvc", "dag", "--md"], tiny_repo).stdout
+    assert "prepare" in dag and "encoder" in dag and "embed" in dag
+    assert json.loads(run(["dvc", "status", "--json"], tiny_repo).stdout) == {}
+    params = tiny_repo / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("shard_size: 50", "shard_size: 40"))
+        changed = set(json.loads(run(["dvc", "status", "--json"], tiny_repo).stdout))
+    finally:
+        params.write_text(original)
+    assert "embed" in changed and not changed & {"prepare", "encoder"}
+
+
+def test_prepare_splits_are_disjoint(tiny_repo):
+    prepared = tiny_repo / "data" / "prepared"
+    tables = {n: pd.read_parquet(prepared / f"{n}.parquet") for n in ("encoder_pairs", "image_pool", "pretrain_pairs", "eval")}
+    sft = pd.DataFrame(json.loads((prepared / "sft.json").read_text()))
+    images = [set(t["image"]) for t in tables.values()] + [set(sft["image"])]
+    assert sum(len(s) for s in images) == len(set().union(*images))
+    # text-corpus captions come from images that are in no split
+    text_sources = {i.split("-", 1)[1].rsplit("-", 1)[0] for i in pd.read_parquet(prepared / "text_corpus.parquet")["id"]}
+    used = {p.removeprefix("images/").removesuffix(".png") for s in images for p in s}
+    assert text_sources and not text_sources & used
