@@ -56,3 +56,16 @@ def tiny_params(tmp_path) -> Path:
     shutil.copy(ROOT / "params.yaml", params)
     apply_profile(ROOT / "profiles" / "tiny.yaml", params)
     return params
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_mlflow(tmp_path_factory):
+    """In-process CLI calls log to a throwaway MLflow store, never the repository's."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    yield
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous

