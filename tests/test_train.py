@@ -1,0 +1,64 @@
+"""The shared training loop: it learns, and a run interrupted after a checkpoint resumes to the same result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.utils.data import TensorDataset
+
+from revision.train import LoopConfig, train
+
+CFG = LoopConfig(seed=0, epochs=3, batch_size=8, lr=0.1, weight_decay=0.0, warmup_ratio=0.1, checkpoint_every=4)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g)
+    return TensorDataset(x, x @ torch.linspace(0.1, 0.5, 5) + 0.2)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(5, 1)
+
+
+def _loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x).squeeze(-1), y)
+
+
+def _collate(rows):
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+def test_loss_goes_down(tmp_path):
+    history = train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "fp")
+    assert len(history) == 24  # 3 epochs x 8 steps
+    assert history[-1]["loss"] < 0.2 * history[0]["loss"]
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    reference = _model()
+    full = train(reference, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "a", "fp")
+
+    calls = {"n": 0}
+
+    def crashing_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 11:  # after the checkpoint at step 8
+            raise KeyboardInterrupt
+        return _loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), _data(), _collate, crashing_loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
+    resumed_model = _model()
+    resumed = train(resumed_model, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6)
+    torch.testing.assert_close(resumed_model.weight, reference.weight)
+
+
+def test_checkpoint_of_other_params_is_ignored(tmp_path):
+    train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "old-params")
+    history = train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "new-params")
+    assert history[0]["step"] == 1 and len(history) == 24
