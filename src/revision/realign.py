@@ -1,0 +1,712 @@
+"""ReAlign: a training-free map of text embeddings into the image embedding distribution.
+
+Everything works on L2-normalized rows with float64 accumulators, streaming chunk by chunk so memory stays
+flat however many rows there are. A fit is one pass over each modality (for unit vectors the mean and the
+trace come from one pass: trace = mean ||x||^2 - ||mu||^2), plus one more text pass for ``mu_hat`` when the
+centroid step is on; writing the aligned text is one final pass.
+
+Methods (``Recipe.method``):
+
+- ``realign``: the paper's three steps, each a switch. ``target`` is the image mean when ``anchor`` is on and
+  the text's own mean when off; ``s`` is ``sqrt(trace_img / trace_txt)`` when ``trace`` is on, else 1::
+
+      h   = normalize((t - mu_txt) * s + target)          # anchor / trace
+      out = normalize(h - mu_hat + target)                # centroid; mu_hat = mean of h over the fitted text
+
+  so every switch keeps one meaning in all 8 combinations (all off is the identity).
+- ``none``: the normalized text, unchanged.
+- ``mean_shift`` (Unicorn): ``normalize(t - mu_txt)``.
+- ``c3``: ``normalize(t - mu_txt + noise)``; images are centred too *at use time* (``normalize(i - mu_img)``,
+  recorded in the stats as ``image_transform``; see ``transform_images``). Files of images are never changed.
+- ``block_cov``: whiten the text with its covariance, colour with the image covariance (both shrunk toward a
+  scaled identity), add the image mean, normalize.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from revision.embeddings import EmbeddingSet, EmbeddingWriter
+from revision.errors import InputError
+from revision.outputs import atomic_file, write_json
+
+METHODS = ("realign", "none", "mean_shift", "c3", "block_cov")
+STATS_FORMAT = "revision-realign-stats/1"
+TRANSFORM_FILE = "block_cov_transform.safetensors"
+NOISE_BLOCK_ROWS = 4096  # c3 noise is drawn per fixed block of rows, so it does not depend on the chunking
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Raw rows from one file; ``row`` counts within the whole source, ``file_row`` within ``file``."""
+
+    file: Path
+    file_row: int
+    row: int
+    values: np.ndarray
+
+
+class EmbeddingSource:
+    """A matrix of embeddings on disk, read in row chunks. ``encoder`` is None where the file records none."""
+
+    path: Path
+    dim: int
+    count: int
+    encoder: dict | None = None
+
+    def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
+        raise NotImplementedError
+
+
+def _read_exact(handle, nbytes: int, path: Path) -> bytes:
+    data = handle.read(nbytes)
+    if len(data) != nbytes:
+        raise InputError(f"{path}: file is truncated")
+    return data
+
+
+class RawRowsSource(EmbeddingSource):
+    """Row-major numbers at a byte offset of a file, read with plain reads (no memory map, so no page of
+    the file stays in this process's resident set)."""
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, count: int, dim: int):
+        self.path, self.offset, self.dtype, self.count, self.dim = path, offset, np.dtype(dtype), count, dim
+
+    def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
+        row_bytes = self.dim * self.dtype.itemsize
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            for start in range(0, self.count, chunk_rows):
+                rows = min(chunk_rows, self.count - start)
+                raw = _read_exact(handle, rows * row_bytes, self.path)
+                values = np.frombuffer(raw, dtype=self.dtype).reshape(rows, self.dim)
+                yield Chunk(self.path, start, start, values)
+
+
+class NpySource(RawRowsSource):
+    def __init__(self, path: Path):
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+                offset = handle.tell()
+        except (ValueError, OSError) as err:
+            raise InputError(f"{path}: not a readable .npy file: {err}") from None
+        if len(shape) != 2:
+            raise InputError(f"{path}: expected a 2-D array (rows x dim), got shape {shape}")
+        _check_numeric(dtype, path)
+        if fortran and shape[0] > 1 and shape[1] > 1:
+            raise InputError(f"{path}: Fortran-ordered array; save it with np.ascontiguousarray first")
+        super().__init__(path, offset, dtype, shape[0], shape[1])
+
+
+SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2", "I8": "i1", "I16": "<i2",
+                      "I32": "<i4", "I64": "<i8", "U8": "u1"}
+
+
+class SafetensorsSource(RawRowsSource):
+    """Tensor ``embeddings`` (or the only tensor) of a .safetensors file, streamed from the header's offsets."""
+
+    def __init__(self, path: Path):
+        header_len, tensors = self._read_header(path)
+        name = "embeddings" if "embeddings" in tensors else next(iter(tensors)) if len(tensors) == 1 else None
+        if name is None:
+            raise InputError(f"{path}: no tensor named 'embeddings' among {sorted(tensors)}")
+        info = tensors[name]
+        shape, dtype, offsets = info.get("shape"), info.get("dtype"), info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise InputError(f"{path}: tensor '{name}' has no valid data_offsets")
+        begin, end = offsets
+        if not isinstance(shape, list) or len(shape) != 2:
+            raise InputError(f"{path}: tensor '{name}' has shape {shape}, expected rows x dim")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+        if end - begin != shape[0] * shape[1] * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize:
+            raise InputError(f"{path}: tensor '{name}' data size does not match its shape {shape}")
+        self.bfloat16 = dtype == "BF16"
+        super().__init__(path, 8 + header_len + begin, SAFETENSORS_DTYPES[dtype], shape[0], shape[1])
+
+    @staticmethod
+    def _read_header(path: Path) -> tuple[int, dict]:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise InputError(f"{path}: not a safetensors file (bad header length)")
+            try:
+                header = json.loads(handle.read(header_len))
+            except ValueError:
+                raise InputError(f"{path}: not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise InputError(f"{path}: not a safetensors file (header is not a mapping)")
+        return header_len, {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+    def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
+        for chunk in super().chunks(chunk_rows):
+            if self.bfloat16:  # bfloat16 is the top half of a float32
+                values = (chunk.values.astype(np.uint32) << 16).view(np.float32)
+                chunk = Chunk(chunk.file, chunk.file_row, chunk.row, values)
+            yield chunk
+
+
+class ParquetSource(EmbeddingSource):
+    """One list/array column (or, failing that, every numeric column except ``id``), read batch by batch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(f"{path}: not a readable parquet file: {err}") from None
+        schema = self.file.schema_arrow
+        self.count = self.file.metadata.num_rows
+        lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+                 or pa.types.is_fixed_size_list(f.type)]
+        if len(lists) > 1:
+            preferred = [n for n in lists if n in ("embedding", "embeddings", "vector")]
+            if len(preferred) != 1:
+                raise InputError(f"{path}: several list columns {lists}; name the embedding column 'embedding'")
+            lists = preferred
+        if lists:
+            self.columns, self.list_column = lists, True
+            self.dim = self._list_dim(schema.field(lists[0]).type)
+        else:
+            self.columns = [f.name for f in schema if f.name != "id"
+                            and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))]
+            self.list_column, self.dim = False, len(self.columns)
+            if not self.columns:
+                raise InputError(f"{path}: no list column and no numeric columns to read embeddings from")
+
+    def _list_dim(self, list_type) -> int:
+        if pa.types.is_fixed_size_list(list_type):
+            return list_type.list_size
+        if self.count == 0:
+            return 0
+        first = next(self.file.iter_batches(batch_size=1, columns=self.columns)).column(0)
+        return len(first[0]) if first[0].is_valid else 0
+
+    def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
+        start = 0
+        for batch in self.file.iter_batches(batch_size=chunk_rows, columns=self.columns):
+            values = self._list_values(batch.column(0), start) if self.list_column else np.column_stack(
+                [batch.column(i).to_numpy(zero_copy_only=False) for i in range(batch.num_columns)]
+            ).astype(np.float64)
+            yield Chunk(self.path, start, start, values)
+            start += batch.num_rows
+
+    def _list_values(self, column: pa.Array, start: int) -> np.ndarray:
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        wrong = np.flatnonzero(np.isnan(lengths.astype(float)) | (lengths != self.dim))
+        if len(wrong):
+            row = start + int(wrong[0])
+            raise InputError(f"{self.path}: row {row} has {_len_text(lengths[wrong[0]])} values, expected {self.dim}")
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        return np.asarray(flat, dtype=np.float64).reshape(len(column), self.dim)
+
+
+def _len_text(length) -> str:
+    return "no" if length is None or np.isnan(float(length)) else str(int(length))
+
+
+class ProjectSetSource(EmbeddingSource):
+    """A project embedding directory (index.json + shards), read shard by shard."""
+
+    def __init__(self, path: Path):
+        self.set = EmbeddingSet(path)
+        self.path, self.dim, self.count, self.encoder = Path(path), self.set.dim, self.set.count, self.set.encoder
+
+    def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
+        for file, first_row, vectors in self.set.iter_shards():
+            if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+                raise InputError(f"{file}: shard has shape {vectors.shape}, index.json says dim {self.dim}")
+            for offset in range(0, len(vectors), chunk_rows):
+                yield Chunk(file, offset, first_row + offset, vectors[offset:offset + chunk_rows])
+
+
+def _check_numeric(dtype: np.dtype, path: Path) -> None:
+    if dtype.kind not in "fiu":
+        raise InputError(f"{path}: dtype {dtype} is not a real number type")
+
+
+def open_embeddings(path: str | Path) -> EmbeddingSource:
+    """Open ``.npy``, ``.safetensors``, ``.parquet`` or a project embedding directory."""
+    path = Path(path)
+    if path.is_dir():
+        return ProjectSetSource(path)
+    if not path.exists():
+        raise InputError(f"{path}: not found")
+    readers = {".npy": NpySource, ".safetensors": SafetensorsSource, ".parquet": ParquetSource}
+    if path.suffix not in readers:
+        raise InputError(f"{path}: unknown embedding file type; use .npy, .safetensors, .parquet or a project dir")
+    return readers[path.suffix](path)
+
+
+def _describe_row(chunk: Chunk, index: int, source: EmbeddingSource) -> str:
+    where = f"{chunk.file}: row {chunk.file_row + index}"
+    if chunk.file != source.path:
+        where += f" (row {chunk.row + index} of {source.path})"
+    return where
+
+
+def normalized_chunks(source: EmbeddingSource, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first row, rows L2-normalized in float64); a non-finite or zero-norm row is an InputError."""
+    seen = 0
+    for chunk in source.chunks(chunk_rows):
+        x = np.array(chunk.values, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != source.dim:
+            raise InputError(f"{chunk.file}: rows of width {x.shape[-1]}, expected {source.dim}")
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
+        if len(bad):
+            i = int(bad[0])
+            problem = "has non-finite values" if not np.isfinite(x[i]).all() else (
+                "has zero norm" if norms[i] == 0 else "has a norm that overflows")
+            raise InputError(f"{_describe_row(chunk, i, source)} {problem}; embeddings must be finite and non-zero")
+        x /= norms[:, None]
+        yield chunk.row, x
+        seen += len(x)
+    if seen != source.count:
+        raise InputError(f"{source.path}: read {seen} rows but its header says {source.count}")
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+
+class Moments:
+    """Streaming float64 mean of unit rows, hence their trace (1 - ||mu||^2); optionally the covariance."""
+
+    def __init__(self, dim: int, covariance: bool = False):
+        self.count = 0
+        self.sum = np.zeros(dim)
+        self.outer = np.zeros((dim, dim)) if covariance else None
+
+    def add(self, x: np.ndarray) -> None:
+        self.count += len(x)
+        self.sum += x.sum(axis=0)
+        if self.outer is not None:
+            self.outer += x.T @ x
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def trace(self) -> float:
+        """Mean squared distance to the mean: for unit rows, mean ||x||^2 - ||mu||^2 = 1 - ||mu||^2."""
+        mean = self.mean
+        return max(1.0 - float(mean @ mean), 0.0)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        mean = self.mean
+        return self.outer / self.count - np.outer(mean, mean)
+
+
+def moments_of(source: EmbeddingSource, chunk_rows: int, covariance: bool = False) -> Moments:
+    moments = Moments(source.dim, covariance)
+    for _, x in normalized_chunks(source, chunk_rows):
+        moments.add(x)
+    if moments.count == 0:
+        raise InputError(f"{source.path}: no embeddings")
+    return moments
+
+
+# --------------------------------------------------------------------------------------------- the fit
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to fit: the method and its settings (the ``realign`` params minus the report's)."""
+
+    method: str = "realign"
+    anchor: bool = True
+    trace: bool = True
+    centroid: bool = True
+    noise_std: float = 0.1
+    seed: int = 0
+    shrinkage: float = 0.1
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InputError(f"realign.method: {self.method!r} is not one of {', '.join(METHODS)}")
+
+
+@dataclass
+class RealignStats:
+    """Everything needed to apply a fitted alignment to any text from the same encoder."""
+
+    recipe: Recipe
+    dim: int
+    encoder: dict | None
+    counts: dict[str, int]
+    mu_txt: np.ndarray
+    mu_img: np.ndarray
+    trace_txt: float
+    trace_img: float
+    mu_hat: np.ndarray | None = None
+    text_to_image: np.ndarray | None = field(default=None, repr=False)  # block_cov only
+
+    @property
+    def scale(self) -> float:
+        return float(np.sqrt(self.trace_img / self.trace_txt)) if self.trace_txt > 0 else float("inf")
+
+    @property
+    def target(self) -> np.ndarray:
+        """The mean the realign steps move the text onto."""
+        return self.mu_img if self.recipe.anchor else self.mu_txt
+
+    @property
+    def image_transform(self) -> dict | None:
+        if self.recipe.method == "c3":
+            return {"subtract": "mu_img", "then": "l2_normalize", "note": "c3 centres images at use time"}
+        return None
+
+
+def check_encoders(text: EmbeddingSource, image: EmbeddingSource) -> None:
+    if text.dim != image.dim:
+        raise InputError(f"{image.path}: dim {image.dim} but {text.path} has dim {text.dim}")
+    if _different_encoders(text.encoder, image.encoder):
+        raise InputError(
+            f"{image.path}: made by encoder {_encoder_id(image.encoder)} but {text.path} by "
+            f"{_encoder_id(text.encoder)}; embed both with one encoder"
+        )
+
+
+def _encoder_id(encoder: dict):
+    return encoder.get("id", encoder)
+
+
+def _different_encoders(a: dict | None, b: dict | None) -> bool:
+    """Only a recorded identity can be checked: .npy / .parquet / .safetensors files carry none."""
+    return a is not None and b is not None and _encoder_id(a) != _encoder_id(b)
+
+
+def fit(text: EmbeddingSource, image: EmbeddingSource, recipe: Recipe, chunk_rows: int) -> RealignStats:
+    """Fit the statistics: one pass per modality, plus one text pass for ``mu_hat`` when the centroid step is on."""
+    check_encoders(text, image)
+    covariance = recipe.method == "block_cov"
+    txt = moments_of(text, chunk_rows, covariance)
+    img = moments_of(image, chunk_rows, covariance)
+    stats = RealignStats(
+        recipe=recipe, dim=text.dim, encoder=text.encoder or image.encoder,
+        counts={"text": txt.count, "image": img.count},
+        mu_txt=txt.mean, mu_img=img.mean, trace_txt=txt.trace, trace_img=img.trace,
+    )
+    if recipe.method == "realign" and recipe.trace and txt.trace <= 0:
+        raise InputError(f"{text.path}: all text embeddings are identical (trace 0), so the trace step is undefined")
+    if covariance:
+        stats.text_to_image = block_cov_matrix(txt.covariance, img.covariance, recipe.shrinkage, text.path)
+    if recipe.method == "realign" and recipe.centroid:
+        stats.mu_hat = _mean_after_first_step(text, stats, chunk_rows)
+    return stats
+
+
+def _mean_after_first_step(text: EmbeddingSource, stats: RealignStats, chunk_rows: int) -> np.ndarray:
+    moments = Moments(stats.dim)
+    for _, x in normalized_chunks(text, chunk_rows):
+        moments.add(_anchor_trace(x, stats))
+    return moments.mean
+
+
+def _shrunk(cov: np.ndarray, shrinkage: float) -> np.ndarray:
+    dim = len(cov)
+    return (1 - shrinkage) * cov + shrinkage * (np.trace(cov) / dim) * np.eye(dim)
+
+
+def block_cov_matrix(cov_txt: np.ndarray, cov_img: np.ndarray, shrinkage: float, text_path: Path) -> np.ndarray:
+    """``C_txt^-1/2 C_img^1/2`` for row vectors: whiten by the (shrunk) text covariance, colour by the image's."""
+    vals_t, vecs_t = np.linalg.eigh(_shrunk(cov_txt, shrinkage))
+    if vals_t.min() <= 1e-12 * max(vals_t.max(), 1e-300):
+        raise InputError(
+            f"{text_path}: the text covariance is singular (fewer independent rows than dimensions?); "
+            "set realign.shrinkage > 0"
+        )
+    vals_i, vecs_i = np.linalg.eigh(_shrunk(cov_img, shrinkage))
+    whiten = (vecs_t / np.sqrt(vals_t)) @ vecs_t.T
+    colour = (vecs_i * np.sqrt(np.clip(vals_i, 0, None))) @ vecs_i.T
+    return whiten @ colour
+
+
+# --------------------------------------------------------------------------------------------- the map
+
+
+def _normalize_rows(y: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", y, y))
+    zero = np.flatnonzero(~(norms > 0))
+    if len(zero):
+        raise InputError(f"row {int(zero[0])} of a chunk maps to the zero vector; cannot normalize it")
+    y /= norms[:, None]
+    return y
+
+
+def _anchor_trace(x: np.ndarray, stats: RealignStats) -> np.ndarray:
+    """``normalize((x - mu_txt) * s + target)`` for normalized rows ``x``."""
+    y = x - stats.mu_txt
+    if stats.recipe.trace:
+        y *= stats.scale
+    y += stats.target
+    return _normalize_rows(y)
+
+
+def c3_noise(seed: int, first_row: int, rows: int, dim: int, std: float) -> np.ndarray:
+    """Gaussian noise for rows [first_row, first_row + rows), identical however the rows are chunked."""
+    out = np.empty((rows, dim))
+    block = first_row // NOISE_BLOCK_ROWS
+    row = first_row
+    while row < first_row + rows:
+        block_start = block * NOISE_BLOCK_ROWS
+        noise = np.random.default_rng([seed, block]).normal(0.0, std, size=(NOISE_BLOCK_ROWS, dim))
+        take_from, take_to = row - block_start, min(NOISE_BLOCK_ROWS, first_row + rows - block_start)
+        out[row - first_row:row - first_row + take_to - take_from] = noise[take_from:take_to]
+        row += take_to - take_from
+        block += 1
+    return out
+
+
+def transform(x: np.ndarray, stats: RealignStats, first_row: int = 0) -> np.ndarray:
+    """Map normalized text rows ``x`` (float64) to aligned rows; ``first_row`` positions c3's noise."""
+    recipe = stats.recipe
+    if x.shape[1] != stats.dim:
+        raise InputError(f"embeddings have dim {x.shape[1]} but the stats were fitted at dim {stats.dim}")
+    if recipe.method == "none":
+        return x.copy()
+    if recipe.method == "mean_shift":
+        return _normalize_rows(x - stats.mu_txt)
+    if recipe.method == "c3":
+        noise = c3_noise(recipe.seed, first_row, len(x), stats.dim, recipe.noise_std)
+        return _normalize_rows(x - stats.mu_txt + noise)
+    if recipe.method == "block_cov":
+        return _normalize_rows((x - stats.mu_txt) @ stats.text_to_image + stats.mu_img)
+    h = _anchor_trace(x, stats)
+    if recipe.centroid:
+        h -= stats.mu_hat
+        h += stats.target
+        _normalize_rows(h)
+    return h
+
+
+def transform_images(x: np.ndarray, stats: RealignStats) -> np.ndarray:
+    """What a consumer applies to normalized image rows: identity, except c3 centres the images too."""
+    if stats.recipe.method == "c3":
+        return _normalize_rows(x - stats.mu_img)
+    return x
+
+
+def check_applicable(stats: RealignStats, text: EmbeddingSource, stats_path: str | Path = "stats") -> None:
+    if text.dim != stats.dim:
+        raise InputError(f"{text.path}: dim {text.dim} but {stats_path} was fitted at dim {stats.dim}")
+    if _different_encoders(text.encoder, stats.encoder):
+        raise InputError(
+            f"{text.path}: made by encoder {_encoder_id(text.encoder)} but {stats_path} was fitted on "
+            f"{_encoder_id(stats.encoder)}"
+        )
+
+
+def align_stream(
+    text: EmbeddingSource, stats: RealignStats, chunk_rows: int, write: Callable[[int, np.ndarray], None]
+) -> Moments:
+    """One pass: align every text chunk, hand it to ``write(first_row, float32 rows)``; returns the output's moments."""
+    check_applicable(stats, text)
+    out = Moments(stats.dim)
+    for first_row, x in normalized_chunks(text, chunk_rows):
+        try:
+            aligned = transform(x, stats, first_row)
+        except InputError as err:
+            raise InputError(f"{text.path}: rows from {first_row}: {err}") from None
+        out.add(aligned)
+        write(first_row, aligned.astype(np.float32))
+    return out
+
+
+class NpyRowWriter:
+    """Write a rows x dim float32 .npy sequentially, chunk by chunk, with plain writes."""
+
+    def __init__(self, path: Path, count: int, dim: int):
+        self.handle = open(path, "wb")
+        self.path, self.expected, self.written = path, count, 0
+        header = {"descr": "<f4", "fortran_order": False, "shape": (count, dim)}
+        np.lib.format.write_array_header_1_0(self.handle, header)
+
+    def __call__(self, first_row: int, rows: np.ndarray) -> None:
+        if first_row != self.written:
+            raise RuntimeError(f"{self.path}: rows out of order ({first_row} after {self.written})")
+        self.handle.write(memoryview(np.ascontiguousarray(rows, dtype="<f4")).cast("B"))
+        self.written += len(rows)
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.written != self.expected:
+            raise RuntimeError(f"{self.path}: wrote {self.written} of {self.expected} rows")
+
+
+def align_to_npy(text: EmbeddingSource, stats: RealignStats, out_path: str | Path, chunk_rows: int) -> Moments:
+    """Aligned text as one float32 .npy, same row order, replaced atomically."""
+    with atomic_file(out_path) as tmp:
+        writer = NpyRowWriter(tmp, text.count, text.dim)
+        try:
+            moments = align_stream(text, stats, chunk_rows, writer)
+        finally:
+            writer.handle.close()
+        writer.close()
+    return moments
+
+
+def align_to_embedding_set(
+    text: ProjectSetSource, stats: RealignStats, out_dir: str | Path, chunk_rows: int
+) -> Moments:
+    """Aligned text as a project embedding set: same ids, order, encoder identity and shard size as ``text``."""
+    ids = text.set.ids()
+    shard_size = max((s.rows for s in text.set.shards), default=4096) or 4096
+    writer = EmbeddingWriter(out_dir, text.encoder, text.dim, shard_size=shard_size)
+    moments = align_stream(text, stats, chunk_rows, lambda first, rows: writer.add(ids[first:first + len(rows)], rows))
+    writer.close()
+    return moments
+
+
+def recipe_from(settings) -> Recipe:
+    """A Recipe from any object carrying its fields (e.g. ``RealignConfig``)."""
+    return Recipe(**{name: getattr(settings, name) for name in Recipe.__dataclass_fields__})
+
+
+# --------------------------------------------------------------------------------------------- stats files
+
+
+def stats_to_json(stats: RealignStats) -> dict:
+    recipe = stats.recipe
+    return {
+        "format": STATS_FORMAT,
+        "method": recipe.method,
+        "switches": {"anchor": recipe.anchor, "trace": recipe.trace, "centroid": recipe.centroid},
+        "noise_std": recipe.noise_std,
+        "seed": recipe.seed,
+        "shrinkage": recipe.shrinkage,
+        "dim": stats.dim,
+        "encoder": stats.encoder,
+        "counts": stats.counts,
+        "mu_txt": stats.mu_txt.tolist(),
+        "mu_img": stats.mu_img.tolist(),
+        "mu_hat": None if stats.mu_hat is None else stats.mu_hat.tolist(),
+        "trace_txt": stats.trace_txt,
+        "trace_img": stats.trace_img,
+        "scale": stats.scale,
+        "image_transform": stats.image_transform,
+        "transform_file": TRANSFORM_FILE if stats.text_to_image is not None else None,
+    }
+
+
+def save_stats(stats: RealignStats, directory: str | Path) -> Path:
+    """``<directory>/stats.json`` (+ the block_cov matrix beside it); returns the JSON's path."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if stats.text_to_image is not None:
+        with atomic_file(directory / TRANSFORM_FILE) as tmp:
+            save_file({"text_to_image": np.ascontiguousarray(stats.text_to_image)}, str(tmp))
+    write_json(directory / "stats.json", stats_to_json(stats))
+    return directory / "stats.json"
+
+
+def _vector(data: dict, key: str, dim: int, path: Path) -> np.ndarray:
+    values = np.asarray(data.get(key), dtype=np.float64)
+    if values.shape != (dim,) or not np.isfinite(values).all():
+        raise InputError(f"{path}: '{key}' must be {dim} finite numbers")
+    return values
+
+
+def load_stats(path: str | Path) -> RealignStats:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read realign stats: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != STATS_FORMAT:
+        raise InputError(f"{path}: not a realign stats file (format {STATS_FORMAT!r} expected)")
+    try:
+        switches = data["switches"]
+        recipe = Recipe(method=data["method"], anchor=bool(switches["anchor"]), trace=bool(switches["trace"]),
+                        centroid=bool(switches["centroid"]), noise_std=float(data["noise_std"]),
+                        seed=int(data["seed"]), shrinkage=float(data["shrinkage"]))
+        dim = int(data["dim"])
+        stats = RealignStats(
+            recipe=recipe, dim=dim, encoder=data.get("encoder"), counts=dict(data["counts"]),
+            mu_txt=_vector(data, "mu_txt", dim, path), mu_img=_vector(data, "mu_img", dim, path),
+            trace_txt=float(data["trace_txt"]), trace_img=float(data["trace_img"]),
+        )
+    except (KeyError, TypeError) as err:
+        raise InputError(f"{path}: missing or malformed key {err}") from None
+    if recipe.method == "realign" and recipe.centroid:
+        stats.mu_hat = _vector(data, "mu_hat", dim, path)
+    if recipe.method == "block_cov":
+        stats.text_to_image = _load_transform(path.parent / str(data.get("transform_file") or TRANSFORM_FILE), dim)
+    return stats
+
+
+def _load_transform(path: Path, dim: int) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    if not path.exists():
+        raise InputError(f"{path}: block_cov stats need this matrix file beside stats.json")
+    matrix = load_file(str(path)).get("text_to_image")
+    if matrix is None or matrix.shape != (dim, dim):
+        raise InputError(f"{path}: expected tensor 'text_to_image' of shape ({dim}, {dim})")
+    return matrix.astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------- on files
+
+
+def fit_files(text_path, image_path, output_dir, recipe: Recipe, chunk_rows: int) -> tuple[RealignStats, Moments]:
+    """Fit on the user's files; write ``output_dir/aligned_text.npy`` (same row order) and ``stats.json``."""
+    text, image = open_embeddings(text_path), open_embeddings(image_path)
+    stats = fit(text, image, recipe, chunk_rows)
+    return stats, _write_npy_and_stats(text, stats, Path(output_dir), chunk_rows)
+
+
+def apply_files(stats_path, text_path, output_dir, chunk_rows: int) -> tuple[RealignStats, Moments]:
+    """Apply fitted stats (mu_hat included: no refit) to new text; the stats are copied beside the output."""
+    stats = load_stats(stats_path)
+    text = open_embeddings(text_path)
+    check_applicable(stats, text, stats_path)
+    return stats, _write_npy_and_stats(text, stats, Path(output_dir), chunk_rows)
+
+
+def _write_npy_and_stats(text: EmbeddingSource, stats: RealignStats, output_dir: Path, chunk_rows: int) -> Moments:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    moments = align_to_npy(text, stats, output_dir / "aligned_text.npy", chunk_rows)
+    save_stats(stats, output_dir)
+    return moments
+
+
+# --------------------------------------------------------------------------------------------- samples
+
+
+def gather_rows(source: EmbeddingSource, rows: np.ndarray, chunk_rows: int) -> np.ndarray:
+    """Normalized rows at the (sorted, unique) indices ``rows``, in one streamed pass."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), source.dim))
+    for first_row, x in normalized_chunks(source, chunk_rows):
+        lo, hi = np.searchsorted(rows, [first_row, first_row + len(x)])
+        out[lo:hi] = x[rows[lo:hi] - first_row]
+    return out
+
+
+def sample_rows(count: int, size: int, seed: int) -> np.ndarray:
+    """Sorted seeded subset of ``range(count)`` (everything when ``size >= count``)."""
+    if size >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))

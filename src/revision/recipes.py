@@ -1,0 +1,64 @@
+"""What the pretrain and finetune stages share: the LM location, a fresh MLLM, the Accelerator, resume
+fingerprints and loss summaries."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+from accelerate import Accelerator
+
+from revision.config import ModelConfig, TrainConfig
+from revision.errors import InputError
+from revision.lm import load_lm
+from revision.mllm import MLLM, MLLMConfig
+from revision.outputs import atomic_file
+
+LM_POINTER = "lm_path.json"
+
+
+def lm_path(lm_dir: Path) -> Path:
+    """The LM folder the `lm` stage prepared: the folder itself, or the user's folder it points to."""
+    pointer = lm_dir / LM_POINTER
+    if pointer.exists():
+        return Path(json.loads(pointer.read_text())["path"])
+    if not (lm_dir / "config.json").exists():
+        raise InputError(f"{lm_dir}: no LM here; run `revision lm` first")
+    return lm_dir
+
+
+def new_mllm(lm_dir: Path, model_cfg: ModelConfig, encoder: dict, max_length: int) -> MLLM:
+    lm, tokenizer = load_lm(lm_path(lm_dir), trust_remote_code=model_cfg.trust_remote_code)
+    config = MLLMConfig(
+        embed_dim=encoder["dim"], visual_tokens=model_cfg.visual_tokens, encoder=encoder,
+        system_prompt=model_cfg.system_prompt, max_length=max_length,
+    )  # fmt: skip
+    return MLLM(lm, tokenizer, config)
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
+
+
+def fingerprint(*parts) -> str:
+    """Identifies a training run's inputs, so a checkpoint is only resumed by the run that made it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def loss_summary(history: list[dict], window: int = 10) -> dict[str, float]:
+    """Mean loss over the first and last ``window`` optimizer steps (single steps are noisy)."""
+    if not history:
+        return {"steps": 0}
+    losses = [row["loss"] for row in history]
+    return {
+        "steps": len(history),
+        "loss_first": sum(losses[:window]) / len(losses[:window]),
+        "loss_last": sum(losses[-window:]) / len(losses[-window:]),
+    }
+
+
+def write_loss_csv(path: Path, history: list[dict]) -> None:
+    with atomic_file(path) as tmp:
+        pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)

@@ -1,0 +1,77 @@
+"""Training samples for the MLLM stages: (embedding, LLaVA-style conversation) pairs.
+
+Stage 1 pairs each embedding with a caption request whose answer is the very text the embedding came from
+(ReVision: the embedding is aligned text standing in for an image). Stage 2 pairs real image embeddings with
+the SFT conversations.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from revision.captions import CAPTION_PROMPTS
+from revision.embeddings import EmbeddingSet
+from revision.errors import InputError
+
+
+class EmbeddingConversations(Dataset):
+    def __init__(self, vectors: np.ndarray, conversations: list[list[dict[str, str]]]):
+        if len(vectors) != len(conversations):
+            raise ValueError(f"{len(vectors)} embeddings for {len(conversations)} conversations")
+        self.vectors, self.conversations = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)), conversations
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int):
+        return self.vectors[index], self.conversations[index]
+
+
+def collate(rows: list) -> tuple[torch.Tensor, list]:
+    return torch.stack([r[0] for r in rows]), [r[1] for r in rows]
+
+
+def _vectors_by_id(embeddings: EmbeddingSet, ids: list[str], manifest: Path) -> np.ndarray:
+    """Rows of ``embeddings`` in the order of ``ids``; every id must be there."""
+    position = {id_: i for i, id_ in enumerate(embeddings.ids())}
+    missing = [(row, i) for row, i in enumerate(ids) if i not in position]
+    if missing:
+        row, id_ = missing[0]
+        raise InputError(f"{manifest}: row {row}: id {id_!r} has no embedding in {embeddings.dir} ({len(missing)} missing)")
+    return embeddings.load()[[position[i] for i in ids]]
+
+
+def subsample(n: int, max_samples: int | None, seed: int) -> list[int]:
+    if max_samples is None or max_samples >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), max_samples))
+
+
+def caption_samples(
+    embeddings: EmbeddingSet, table: pd.DataFrame, text_column: str, manifest: Path, max_samples: int | None, seed: int
+) -> EmbeddingConversations:
+    """Stage 1: "<image> + caption request" -> the text itself, for each row of ``table``."""
+    keep = subsample(len(table), max_samples, seed)
+    table = table.iloc[keep]
+    vectors = _vectors_by_id(embeddings, table["id"].astype(str).tolist(), manifest)
+    rng = random.Random(seed)
+    conversations = [
+        [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"}, {"from": "gpt", "value": text}]
+        for text in table[text_column]
+    ]
+    return EmbeddingConversations(vectors, conversations)
+
+
+def sft_samples(embeddings: EmbeddingSet, sft_json: Path, max_samples: int | None, seed: int) -> EmbeddingConversations:
+    """Stage 2: the SFT conversations with their images' embeddings."""
+    records = json.loads(sft_json.read_text())
+    records = [records[i] for i in subsample(len(records), max_samples, seed)]
+    vectors = _vectors_by_id(embeddings, [str(r["id"]) for r in records], sft_json)
+    return EmbeddingConversations(vectors, [r["conversations"] for r in records])

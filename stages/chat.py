@@ -1,0 +1,38 @@
+"""``revision chat``: ask a trained checkpoint about any image file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from revision.encoders import load_encoder
+from revision.errors import InputError
+from revision.images import read_image
+from revision.mllm import load_mllm
+
+NAME = "chat"
+HELP = (
+    "Answer a question about an image (or caption it when no question is given) with a trained checkpoint: "
+    "the image goes through the checkpoint's own encoder, its embedding straight into the projector. Works with "
+    "stage-1-only checkpoints (data/pretrain) and finished ones (data/finetune)."
+)
+
+
+def main(
+    image: Path = typer.Option(..., help="any image file (PNG, JPEG, ...)"),
+    question: Optional[str] = typer.Option(None, help="a question; omit it for a caption"),
+    checkpoint: Path = typer.Option(Path("data/finetune"), help="MLLM folder from pretrain or finetune"),
+    encoder_dir: Path = typer.Option(Path("data/encoder"), help="the encoder the checkpoint was trained on"),
+    max_new_tokens: int = typer.Option(48, help="longest answer in tokens"),
+) -> None:
+    model = load_mllm(checkpoint)
+    encoder, identity = load_encoder(encoder_dir)
+    if model.config.encoder.get("id") != identity["id"]:
+        raise InputError(
+            f"{checkpoint}: trained on encoder {model.config.encoder.get('id')}, but {encoder_dir} holds "
+            f"{identity['id']}; pass the matching --encoder-dir"
+        )
+    embedding = encoder.encode_images([read_image(image, str(image))])[0]
+    typer.echo(model.generate(embedding, question, max_new_tokens=max_new_tokens).strip())

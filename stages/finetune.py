@@ -1,0 +1,70 @@
+"""``revision finetune``: stage 2, visual instruction tuning on real image embeddings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import typer
+from accelerate.utils import set_seed
+
+from revision.config import FinetuneConfig, describe, load_stage_config, read_params
+from revision.embeddings import EmbeddingSet
+from revision.errors import InputError
+from revision.mllm import add_lora, load_mllm, save_mllm
+from revision.outputs import atomic_dir, write_json
+from revision.recipes import fingerprint, loss_summary, make_accelerator, write_loss_csv
+from revision.samples import collate, sft_samples
+from revision.train import LoopConfig, train
+from revision.tracking import stage_run
+
+NAME = "finetune"
+HELP = (
+    "Stage 2 (visual instruction tuning): real image embeddings and the SFT conversations (LLaVA JSON), loss "
+    "on assistant turns only; the projector and the LM learn, through LoRA adapters (finetune.lora, merged "
+    "on save) or fully.\n\nParams read (params.yaml):\n\n" + describe(FinetuneConfig, "finetune")
+)
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'finetune' block"),
+    prepared: Path = typer.Option(Path("data/prepared"), help="manifests (sft.json)"),
+    embeddings: Path = typer.Option(Path("data/embeddings"), help="embedding sets (sft_images)"),
+    pretrained: Path = typer.Option(Path("data/pretrain"), help="stage-1 MLLM from `revision pretrain`"),
+    out: Path = typer.Option(Path("data/finetune"), help="output MLLM folder"),
+    checkpoints: Path = typer.Option(Path("data/checkpoints/finetune"), help="resumable training state"),
+    metrics: Path = typer.Option(Path("reports/finetune.json"), help="DVC metrics file"),
+    loss_plot: Path = typer.Option(Path("reports/finetune_loss.csv"), help="per-step loss and lr (DVC plot)"),
+) -> None:
+    cfg: FinetuneConfig = load_stage_config(NAME, params)
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    images = EmbeddingSet(embeddings / "sft_images")
+    model = load_mllm(pretrained)
+    if model.config.encoder.get("id") != images.encoder.get("id"):
+        raise InputError(
+            f"{pretrained}: trained on encoder {model.config.encoder.get('id')}, but {images.dir} was made by "
+            f"{images.encoder.get('id')}; re-run pretrain on this encoder's embeddings"
+        )
+    samples = sft_samples(images, prepared / "sft.json", cfg.max_samples, cfg.seed)
+    model.config.max_length = cfg.max_length
+    if cfg.lora:
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    else:
+        model.lm.requires_grad_(True)
+    with stage_run(NAME, read_params(params)[NAME], accelerator.is_main_process) as run:
+        loop = LoopConfig(cfg.seed, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.checkpoint_every)
+        run_id = fingerprint(cfg.model_dump(), json.loads((pretrained / "mllm.json").read_text()), len(samples))
+        loss = lambda m, batch: m(batch[0], batch[1])  # noqa: E731
+        history = train(model, samples, collate, loss, loop, accelerator, checkpoints, run_id, run.log_metrics)
+        summary = {"samples": len(samples), **loss_summary(history)}
+        run.log_metrics(summary)
+        if accelerator.is_main_process:
+            with atomic_dir(out) as tmp:
+                save_mllm(accelerator.unwrap_model(model), tmp)
+            write_json(metrics, summary)
+            write_loss_csv(loss_plot, history)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    typer.echo("finetune: " + json.dumps(summary))

@@ -1,0 +1,199 @@
+"""The MLLM core on a tiny random-init Llama that shares SmolLM2's real tokenizer and chat template."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from revision.errors import InputError  # noqa: E402
+from revision.lm import bundled_gguf_path, load_lm, tiny_lm  # noqa: E402
+from revision.mllm import (  # noqa: E402
+    IGNORE_INDEX,
+    IMAGE_SLOT_ID,
+    MLLM,
+    MLLMConfig,
+    add_lora,
+    freeze_lm,
+    load_mllm,
+    save_mllm,
+)
+
+EMBED_DIM = 16
+VISUAL_TOKENS = 3
+CONVERSATIONS = [
+    [
+        {"from": "human", "value": "<image>\nWhat colour is the shape?"},
+        {"from": "gpt", "value": "It is red."},
+        {"from": "human", "value": "And its shape?"},
+        {"from": "gpt", "value": "A circle"},
+    ],
+    [
+        {"from": "human", "value": "Describe <image> in one sentence."},
+        {"from": "gpt", "value": "A small blue square on a white background, slightly off centre."},
+    ],
+]
+ENCODER = {"kind": "lit", "name": "tiny", "dim": EMBED_DIM, "fingerprint": "abc123"}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    return tiny_lm(tmp_path_factory.mktemp("tiny_lm"), seed=0)
+
+
+@pytest.fixture
+def model(tiny_lm_dir) -> MLLM:
+    lm, tokenizer = load_lm(tiny_lm_dir)
+    torch.manual_seed(0)
+    config = MLLMConfig(embed_dim=EMBED_DIM, visual_tokens=VISUAL_TOKENS, encoder=ENCODER)
+    return MLLM(lm, tokenizer, config)
+
+
+def embeddings(n: int, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(n, EMBED_DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def answers(conversation) -> list[str]:
+    return [turn["value"] for turn in conversation if turn["from"] == "gpt"]
+
+
+def rendered(model: MLLM, conversation) -> str:
+    messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in conversation]
+    return model.tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_bundled_gguf_is_found():
+    path = bundled_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+
+
+def test_load_lm_refuses_hub_ids_unless_allowed(tmp_path):
+    with pytest.raises(InputError, match="allow_hub"):
+        load_lm("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(InputError):
+        load_lm(tmp_path / "missing")
+
+
+def test_tiny_lm_keeps_the_chat_template(tiny_lm_dir, model):
+    assert (tiny_lm_dir / "model.safetensors").is_file()
+    assert "<|im_start|>" in model.tokenizer.chat_template
+    assert model.tokenizer.eos_token == "<|im_end|>"
+
+
+def test_labels_are_the_answers_and_their_end_of_turn_only(model):
+    batch = model.build_inputs(embeddings(2), CONVERSATIONS)
+    tokenizer = model.tokenizer
+    for row, conversation in enumerate(CONVERSATIONS):
+        labels = batch.labels[row]
+        learned = labels[labels != IGNORE_INDEX].tolist()
+        expected = "".join(answer + tokenizer.eos_token for answer in answers(conversation))
+        assert tokenizer.decode(learned) == expected
+        assert learned.count(tokenizer.eos_token_id) == len(answers(conversation))
+        # Each labelled token is the input token at that position (the LM shifts internally).
+        labelled = labels != IGNORE_INDEX
+        assert torch.equal(batch.input_ids[row][labelled], labels[labelled])
+
+
+def test_batch_is_right_padded_and_masked(model):
+    batch = model.build_inputs(embeddings(2), CONVERSATIONS)
+    lengths = batch.attention_mask.sum(dim=1)
+    assert lengths[0] != lengths[1]
+    for row, length in enumerate(lengths.tolist()):
+        assert batch.attention_mask[row, :length].all() and not batch.attention_mask[row, length:].any()
+        assert (batch.labels[row, length:] == IGNORE_INDEX).all()
+        assert (batch.inputs_embeds[row, length:] == 0).all()
+
+
+def test_visual_prefix_sits_exactly_at_the_placeholder(model):
+    vectors = embeddings(2)
+    batch = model.build_inputs(vectors, CONVERSATIONS)
+    prefixes = model.projector(vectors)
+    token_embeddings = model.lm.get_input_embeddings()
+    for row, conversation in enumerate(CONVERSATIONS):
+        before, after = rendered(model, conversation).split("<image>")
+        before_ids = model.tokenizer(before, add_special_tokens=False)["input_ids"]
+        start = batch.image_start[row]
+        assert start == len(before_ids)
+        assert batch.input_ids[row, :start].tolist() == before_ids
+        assert (batch.input_ids[row, start : start + VISUAL_TOKENS] == IMAGE_SLOT_ID).all()
+        assert IMAGE_SLOT_ID not in batch.input_ids[row, start + VISUAL_TOKENS :].tolist()
+        torch.testing.assert_close(batch.inputs_embeds[row, start : start + VISUAL_TOKENS], prefixes[row])
+        torch.testing.assert_close(batch.inputs_embeds[row, :start], token_embeddings(torch.tensor(before_ids)))
+        length = int(batch.attention_mask[row].sum())
+        rest = batch.input_ids[row, start + VISUAL_TOKENS : length].tolist()
+        assert model.tokenizer.decode(rest) == after.rstrip()
+        rest_embeds = batch.inputs_embeds[row, start + VISUAL_TOKENS : length]
+        torch.testing.assert_close(rest_embeds, token_embeddings(torch.tensor(rest)))
+
+
+@pytest.mark.parametrize("first_turn", ["no placeholder here", "<image> twice <image>"])
+def test_exactly_one_placeholder_is_required(model, first_turn):
+    conversation = [{"from": "human", "value": first_turn}, {"from": "gpt", "value": "ok"}]
+    with pytest.raises(InputError, match="placeholder"):
+        model.build_inputs(embeddings(1), [conversation])
+
+
+def test_projector_steps_with_frozen_lm_lower_the_loss(model):
+    freeze_lm(model)
+    lm_before = {name: p.detach().clone() for name, p in model.lm.named_parameters()}
+    optimizer = torch.optim.AdamW(model.projector.parameters(), lr=1e-2)
+    vectors = embeddings(2)
+    losses = []
+    for _ in range(10):
+        loss = model(vectors, CONVERSATIONS)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert all(torch.equal(p, lm_before[name]) for name, p in model.lm.named_parameters())
+
+
+def test_save_load_round_trip_gives_identical_outputs(model, tmp_path):
+    vectors = embeddings(2)
+    with torch.no_grad():
+        model.projector.mlp[2].bias.add_(0.5)  # differ from any fresh init
+        logits, loss = model.logits(vectors, CONVERSATIONS), model(vectors, CONVERSATIONS)
+    save_mllm(model, tmp_path / "ckpt")
+    for name in ["mllm.json", "projector.safetensors", "lm/model.safetensors", "lm/chat_template.jinja"]:
+        assert (tmp_path / "ckpt" / name).is_file(), name
+    assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
+    loaded = load_mllm(tmp_path / "ckpt")
+    assert loaded.config == model.config and loaded.config.encoder == ENCODER
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(vectors, CONVERSATIONS), logits, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(vectors, CONVERSATIONS), loss, rtol=0, atol=0)
+
+
+def test_lora_is_merged_on_save(model, tmp_path):
+    add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trainable = {name for name, p in model.lm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    with torch.no_grad():
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # LoRA B starts at zero; make the adapters matter
+        vectors = embeddings(2)
+        logits = model.logits(vectors, CONVERSATIONS)
+    loaded = load_mllm(save_mllm(model, tmp_path / "ckpt"))
+    assert not any("lora_" in name for name, _ in loaded.lm.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(vectors, CONVERSATIONS), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_returns_text_and_batches_like_single_calls(model):
+    vectors = embeddings(3)
+    questions = ["What is shown in this long question about the picture?", None, "Colour?"]
+    batched = model.generate_batch(vectors, questions, max_new_tokens=6)
+    singles = [model.generate(vectors[i], questions[i], max_new_tokens=6) for i in range(3)]
+    assert all(isinstance(text, str) and text for text in batched)
+    assert batched == singles
+    assert len(set(batched)) > 1
