@@ -11,7 +11,7 @@ import typer
 from revision.config import apply_profile
 from revision.errors import InputError
 from revision.tracking import apply_offline_defaults
-from stages import chat, embed, encoder, finetune, lm, prepare, pretrain, realign
+from stages import chat, embed, encoder, evaluate, finetune, lm, prepare, pretrain, realign
 
 apply_offline_defaults()
 
@@ -37,7 +37,7 @@ def clean_errors(fn):
     return wrapper
 
 
-for module in (prepare, encoder, embed, realign, lm, pretrain, finetune, chat):
+for module in (prepare, encoder, embed, realign, lm, pretrain, finetune, evaluate, chat):
     app.command(module.NAME, help=module.HELP)(clean_errors(module.main))
 
 

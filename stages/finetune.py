@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import typer
@@ -12,11 +11,9 @@ from accelerate.utils import set_seed
 from revision.config import FinetuneConfig, describe, load_stage_config, read_params
 from revision.embeddings import EmbeddingSet
 from revision.errors import InputError
-from revision.mllm import add_lora, load_mllm, save_mllm
-from revision.outputs import atomic_dir, write_json
-from revision.recipes import fingerprint, loss_summary, make_accelerator, write_loss_csv
-from revision.samples import collate, sft_samples
-from revision.train import LoopConfig, train
+from revision.mllm import add_lora, load_mllm
+from revision.recipes import fingerprint, make_accelerator, train_and_save
+from revision.samples import sft_samples
 from revision.tracking import stage_run
 
 NAME = "finetune"
@@ -54,17 +51,6 @@ def main(
     else:
         model.lm.requires_grad_(True)
     with stage_run(NAME, read_params(params)[NAME], accelerator.is_main_process) as run:
-        loop = LoopConfig(cfg.seed, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.checkpoint_every)
         run_id = fingerprint(cfg.model_dump(), json.loads((pretrained / "mllm.json").read_text()), len(samples))
-        loss = lambda m, batch: m(batch[0], batch[1])  # noqa: E731
-        history = train(model, samples, collate, loss, loop, accelerator, checkpoints, run_id, run.log_metrics)
-        summary = {"samples": len(samples), **loss_summary(history)}
-        run.log_metrics(summary)
-        if accelerator.is_main_process:
-            with atomic_dir(out) as tmp:
-                save_mllm(accelerator.unwrap_model(model), tmp)
-            write_json(metrics, summary)
-            write_loss_csv(loss_plot, history)
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        summary = train_and_save(model, samples, cfg, accelerator, run, run_id, checkpoints, out, metrics, loss_plot)
     typer.echo("finetune: " + json.dumps(summary))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -12,11 +11,9 @@ from accelerate.utils import set_seed
 
 from revision.config import ModelConfig, PretrainConfig, describe, load_stage_config, read_params
 from revision.embeddings import EmbeddingSet
-from revision.mllm import freeze_lm, save_mllm
-from revision.outputs import atomic_dir, write_json
-from revision.recipes import fingerprint, loss_summary, make_accelerator, new_mllm, write_loss_csv
-from revision.samples import EmbeddingConversations, caption_samples, collate
-from revision.train import LoopConfig, train
+from revision.mllm import freeze_lm
+from revision.recipes import fingerprint, make_accelerator, new_mllm, train_and_save
+from revision.samples import EmbeddingConversations, caption_samples
 from revision.tracking import stage_run
 
 NAME = "pretrain"
@@ -60,19 +57,8 @@ def main(
     model = freeze_lm(new_mllm(lm_dir, model_cfg, encoder, cfg.max_length))
     blocks = read_params(params)
     with stage_run(NAME, {NAME: blocks[NAME], "model": blocks["model"]}, accelerator.is_main_process) as run:
-        history = []
-        if samples is not None:
-            loop = LoopConfig(cfg.seed, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.checkpoint_every)
-            run_id = fingerprint(cfg.model_dump(), model_cfg.model_dump(), encoder, len(samples))
-            loss = lambda m, batch: m(batch[0], batch[1])  # noqa: E731
-            history = train(model, samples, collate, loss, loop, accelerator, checkpoints, run_id, run.log_metrics)
-        summary = {"source": cfg.source, "samples": len(samples) if samples else 0, **loss_summary(history)}
-        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        if accelerator.is_main_process:
-            with atomic_dir(out) as tmp:
-                save_mllm(accelerator.unwrap_model(model), tmp)
-            write_json(metrics, summary)
-            write_loss_csv(loss_plot, history)
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        run_id = fingerprint(cfg.model_dump(), model_cfg.model_dump(), encoder, len(samples) if samples else 0)
+        summary = train_and_save(
+            model, samples, cfg, accelerator, run, run_id, checkpoints, out, metrics, loss_plot, {"source": cfg.source}
+        )
     typer.echo(f"pretrain ({cfg.source}): " + json.dumps(summary))

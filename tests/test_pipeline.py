@@ -39,7 +39,7 @@ def test_each_stage_logs_one_mlflow_run_with_params_and_git_tag(tiny_repo):
     db = sqlite3.connect(tiny_repo / "mlflow.db")
     runs = dict(db.execute("select run_uuid, name from runs").fetchall())
     assert sorted(runs.values()) == sorted(set(runs.values()))  # one run per stage
-    assert {"prepare", "encoder", "embed"} <= set(runs.values())
+    assert {"prepare", "encoder", "embed", "realign", "lm", "pretrain", "finetune", "evaluate"} <= set(runs.values())
     tags = db.execute("select key, value from tags where key='git_revision'").fetchall()
     head = run(["git", "rev-parse", "HEAD"], tiny_repo).stdout.strip()
     assert tags and all(v == head for _, v in tags)
@@ -71,3 +71,44 @@ def test_prepare_splits_are_disjoint(tiny_repo):
     text_sources = {i.split("-", 1)[1].rsplit("-", 1)[0] for i in pd.read_parquet(prepared / "text_corpus.parquet")["id"]}
     used = {p.removeprefix("images/").removesuffix(".png") for s in images for p in s}
     assert text_sources and not text_sources & used
+
+
+def test_realign_stage_aligns_the_corpus_and_reports_the_gap(tiny_repo):
+    aligned = EmbeddingSet(tiny_repo / "data" / "realign" / "aligned_text")
+    raw = EmbeddingSet(tiny_repo / "data" / "embeddings" / "text")
+    images = EmbeddingSet(tiny_repo / "data" / "embeddings" / "image_pool").load()
+    assert aligned.ids() == raw.ids() and aligned.encoder == raw.encoder
+    gap_before = np.linalg.norm(raw.load().mean(0) - images.mean(0))
+    gap_after = np.linalg.norm(aligned.load().mean(0) - images.mean(0))
+    assert gap_after < 0.1 * gap_before
+    stats = json.loads((tiny_repo / "data" / "realign" / "stats.json").read_text())
+    assert {"mu_txt", "mu_img", "mu_hat", "scale", "trace_txt", "trace_img"} <= set(stats)
+    assert (tiny_repo / "reports" / "realign" / "metrics.json").exists()
+    assert (tiny_repo / "reports" / "realign" / "pca.png").stat().st_size > 0
+
+
+def test_both_training_stages_lower_the_loss_and_log_curves(tiny_repo):
+    for stage in ("pretrain", "finetune"):
+        summary = json.loads((tiny_repo / "reports" / f"{stage}.json").read_text())
+        assert summary["steps"] > 0 and summary["loss_last"] < summary["loss_first"], (stage, summary)
+        curve = pd.read_csv(tiny_repo / "reports" / f"{stage}_loss.csv")
+        assert list(curve.columns) == ["step", "loss", "lr"] and len(curve) == summary["steps"]
+    assert not (tiny_repo / "data" / "checkpoints" / "pretrain").exists()  # removed once the stage finished
+
+
+def test_chat_answers_from_stage1_and_final_checkpoints(tiny_repo):
+    image = next((tiny_repo / "data" / "prepared" / "images").glob("easyvqa-*.png"))
+    for checkpoint in ("data/pretrain", "data/finetune"):
+        result = run(["revision", "chat", "--image", str(image), "--checkpoint", checkpoint, "--max-new-tokens", "4"], tiny_repo)
+        assert result.stdout.strip(), checkpoint
+    missing = run(["revision", "chat", "--image", "nope.png", "--checkpoint", "data/finetune"], tiny_repo, check=False)
+    assert missing.returncode == 2 and "nope.png: image file not found" in missing.stderr
+
+
+def test_evaluate_scores_both_checkpoints(tiny_repo):
+    metrics = json.loads((tiny_repo / "reports" / "evaluate" / "metrics.json").read_text())
+    assert set(metrics) == {"pretrain", "finetune"}
+    for scores in metrics.values():
+        assert {"bleu4", "cider", "caption_nll", "vqa_acc", "pope_acc"} <= set(scores)
+    rows = (tiny_repo / "reports" / "evaluate" / "finetune.jsonl").read_text().splitlines()
+    assert {json.loads(r)["kind"] for r in rows} >= {"caption", "vqa"}

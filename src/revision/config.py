@@ -147,6 +147,14 @@ class FinetuneConfig(TrainConfig):
     lora_targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="modules LoRA wraps")
 
 
+class EvaluateConfig(Strict):
+    seed: int = Field(0, description="seeds the eval subsample and the POPE negatives")
+    max_images: int | None = Field(200, ge=1, description="eval images scored (seeded choice; null: all)")
+    max_questions: int = Field(3, ge=0, description="questions asked per image (seeded choice of its QAs)")
+    batch_size: int = Field(16, ge=1, description="prompts generated together")
+    max_new_tokens: int = Field(32, ge=1, description="longest caption; answers get a quarter of it")
+
+
 S = TypeVar("S", bound=BaseModel)
 
 STAGE_CONFIGS: dict[str, type[BaseModel]] = {
@@ -157,6 +165,7 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -13,8 +14,11 @@ from accelerate import Accelerator
 from revision.config import ModelConfig, TrainConfig
 from revision.errors import InputError
 from revision.lm import load_lm
-from revision.mllm import MLLM, MLLMConfig
-from revision.outputs import atomic_file
+from revision.mllm import MLLM, MLLMConfig, save_mllm
+from revision.outputs import atomic_dir, atomic_file, write_json
+from revision.samples import EmbeddingConversations, collate
+from revision.train import LoopConfig, train
+from revision.tracking import StageRun
 
 LM_POINTER = "lm_path.json"
 
@@ -52,6 +56,7 @@ def loss_summary(history: list[dict], window: int = 10) -> dict[str, float]:
     if not history:
         return {"steps": 0}
     losses = [row["loss"] for row in history]
+    window = max(1, min(window, len(losses) // 2))  # the two windows never overlap
     return {
         "steps": len(history),
         "loss_first": sum(losses[:window]) / len(losses[:window]),
@@ -62,3 +67,35 @@ def loss_summary(history: list[dict], window: int = 10) -> dict[str, float]:
 def write_loss_csv(path: Path, history: list[dict]) -> None:
     with atomic_file(path) as tmp:
         pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
+
+
+def train_and_save(
+    model: MLLM,
+    samples: EmbeddingConversations | None,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run: StageRun,
+    run_id: str,
+    checkpoints: Path,
+    out: Path,
+    metrics: Path,
+    loss_plot: Path,
+    extra: dict | None = None,
+) -> dict:
+    """Train (unless ``samples`` is None), then on the main process save the MLLM atomically, write the
+    metrics and loss curve, and drop the checkpoints the finished run no longer needs."""
+    history = []
+    if samples is not None:
+        loop = LoopConfig(cfg.seed, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.checkpoint_every)
+        loss = lambda m, batch: m(batch[0], batch[1])  # noqa: E731
+        history = train(model, samples, collate, loss, loop, accelerator, checkpoints, run_id, run.log_metrics)
+    summary = {**(extra or {}), "samples": len(samples) if samples is not None else 0, **loss_summary(history)}
+    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    if accelerator.is_main_process:
+        with atomic_dir(out) as tmp:
+            save_mllm(accelerator.unwrap_model(model), tmp)
+        write_json(metrics, summary)
+        write_loss_csv(loss_plot, history)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return summary

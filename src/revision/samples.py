@@ -38,7 +38,7 @@ def collate(rows: list) -> tuple[torch.Tensor, list]:
     return torch.stack([r[0] for r in rows]), [r[1] for r in rows]
 
 
-def _vectors_by_id(embeddings: EmbeddingSet, ids: list[str], manifest: Path) -> np.ndarray:
+def vectors_by_id(embeddings: EmbeddingSet, ids: list[str], manifest: Path) -> np.ndarray:
     """Rows of ``embeddings`` in the order of ``ids``; every id must be there."""
     position = {id_: i for i, id_ in enumerate(embeddings.ids())}
     missing = [(row, i) for row, i in enumerate(ids) if i not in position]
@@ -60,7 +60,7 @@ def caption_samples(
     """Stage 1: "<image> + caption request" -> the text itself, for each row of ``table``."""
     keep = subsample(len(table), max_samples, seed)
     table = table.iloc[keep]
-    vectors = _vectors_by_id(embeddings, table["id"].astype(str).tolist(), manifest)
+    vectors = vectors_by_id(embeddings, table["id"].astype(str).tolist(), manifest)
     rng = random.Random(seed)
     conversations = [
         [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"}, {"from": "gpt", "value": text}]
@@ -73,5 +73,5 @@ def sft_samples(embeddings: EmbeddingSet, sft_json: Path, max_samples: int | Non
     """Stage 2: the SFT conversations with their images' embeddings."""
     records = json.loads(sft_json.read_text())
     records = [records[i] for i in subsample(len(records), max_samples, seed)]
-    vectors = _vectors_by_id(embeddings, [str(r["id"]) for r in records], sft_json)
+    vectors = vectors_by_id(embeddings, [str(r["id"]) for r in records], sft_json)
     return EmbeddingConversations(vectors, [r["conversations"] for r in records])

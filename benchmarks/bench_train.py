@@ -1,0 +1,113 @@
+"""Training throughput: the pretrain/finetune code path versus a bare PyTorch loop on the same model and
+batches, measured in the same run; then what ``model.visual_tokens`` costs per step.
+
+    python benchmarks/bench_train.py --lm data/lm --steps 8 --batch-size 8
+    python benchmarks/bench_train.py --lm data/lm --visual-tokens 1 4 16 64 576 --steps 2
+
+Stage 1 (LM frozen, projector trained) and stage 2 (projector + LoRA) are both measured. Batches are real
+caption / SFT conversations from data/prepared when present; embeddings are random unit vectors (the cost
+does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from revision.config import ModelConfig
+from revision.mllm import add_lora, freeze_lm
+from revision.recipes import new_mllm
+from revision.samples import EmbeddingConversations, collate
+from revision.train import LoopConfig, train
+
+
+def conversations(prepared: Path, stage: int, n: int) -> list:
+    if stage == 2 and (prepared / "sft.json").exists():
+        return [r["conversations"] for r in json.loads((prepared / "sft.json").read_text())[:n]]
+    caption = "A small red circle in the top left corner of the image."
+    if stage == 1 and (prepared / "text_corpus.parquet").exists():
+        import pandas as pd
+
+        return [[{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": t}]
+                for t in pd.read_parquet(prepared / "text_corpus.parquet")["text"][:n]]  # fmt: skip
+    return [[{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": caption}]] * n
+
+
+def build(args, stage: int, visual_tokens: int):
+    cfg = ModelConfig(lm="bundled", visual_tokens=visual_tokens)
+    model = new_mllm(args.lm, cfg, {"id": "bench", "dim": args.embed_dim}, max_length=None)
+    freeze_lm(model)
+    if stage == 2:
+        add_lora(model, 8, 16, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    return model
+
+
+def dataset(args, stage: int) -> EmbeddingConversations:
+    n = args.steps * args.batch_size
+    vectors = F.normalize(torch.randn(n, args.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    return EmbeddingConversations(vectors.numpy(), conversations(args.prepared, stage, n))
+
+
+def tokens_per_batch(model, data: EmbeddingConversations, batch_size: int) -> float:
+    emb, convs = collate([data[i] for i in range(batch_size)])
+    return float(model.build_inputs(emb, convs).attention_mask.sum())
+
+
+def time_stage_loop(args, stage: int, visual_tokens: int) -> tuple[float, float]:
+    model, data = build(args, stage, visual_tokens), dataset(args, stage)
+    loop = LoopConfig(0, 1.0, args.batch_size, 1e-4, 0.0, 0.0, checkpoint_every=10**9)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        train(model, data, collate, lambda m, b: m(b[0], b[1]), loop, Accelerator(cpu=args.cpu), Path(tmp), "bench")
+        seconds = time.perf_counter() - start
+    return len(data) / seconds, tokens_per_batch(model, data, args.batch_size) * args.steps / seconds
+
+
+def time_bare_loop(args, stage: int, visual_tokens: int) -> tuple[float, float]:
+    model, data = build(args, stage, visual_tokens), dataset(args, stage)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batches = [collate([data[i] for i in range(s, s + args.batch_size)]) for s in range(0, len(data), args.batch_size)]
+    model.train()
+    start = time.perf_counter()
+    for emb, convs in batches:
+        loss = model(emb, convs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    seconds = time.perf_counter() - start
+    return len(data) / seconds, tokens_per_batch(model, data, args.batch_size) * args.steps / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lm", type=Path, default=Path("data/lm"))
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--embed-dim", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--visual-tokens", type=int, nargs="*", default=[])
+    parser.add_argument("--cpu", action="store_true", help="force CPU even where a GPU is present")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.steps} steps, device "
+          f"{'cuda' if torch.cuda.is_available() and not args.cpu else 'cpu'}")  # fmt: skip
+    for stage in (1, 2):
+        time_bare_loop(args, stage, 4)  # warm-up: first calls pay for lazy initialisation
+        bare = time_bare_loop(args, stage, 4)
+        loop = time_stage_loop(args, stage, 4)
+        print(f"stage {stage}: train loop {loop[0]:6.2f} samples/s {loop[1]:7.1f} tok/s | bare loop "
+              f"{bare[0]:6.2f} samples/s {bare[1]:7.1f} tok/s | ratio {loop[0] / bare[0]:.2f}")  # fmt: skip
+    for k in args.visual_tokens:
+        samples, tokens = time_bare_loop(args, 1, k)
+        print(f"visual_tokens={k:4d}: stage-1 fwd+bwd {args.batch_size / samples:6.2f} s/batch, {tokens:7.1f} tok/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Scoring an MLLM on the held-out eval set: captions, VQA, POPE object probes, garment classes, caption NLL.
+
+Everything the model is asked is drawn once per eval set (``load_eval_set``), so every checkpoint answers
+exactly the same prompts about the same images. Generation is greedy through ``MLLM.generate_batch``.
+
+- captions: one per image (the checkpoint's caption prompt), scored against all references with the COCO
+  caption metrics (BLEU-4, METEOR, ROUGE-L, CIDEr on PTB-tokenized text; SPICE needs a download, so it is out);
+- VQA: exact match after normalization, overall and per question type;
+- POPE: "Is there a {shape} in the image?" for the true shape and one other shape of each easy-VQA image;
+- garment accuracy: the Fashion-MNIST class a generated caption names;
+- caption NLL: mean per-token negative log-likelihood of each image's first reference caption.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from revision.captions import GARMENT_WORDS
+from revision.config import EvaluateConfig
+from revision.embeddings import EmbeddingSet
+from revision.errors import InputError
+from revision.mllm import CONFIG_FILE, IGNORE_INDEX, MLLM
+from revision.samples import vectors_by_id, subsample
+from revision.sources import EASYVQA_SHAPES
+
+CAPTION_METRICS = ("bleu4", "meteor", "rouge_l", "cider")
+POPE_QUESTION = "Is there a {shape} in the image?"
+
+
+@dataclass(frozen=True)
+class EvalImage:
+    id: str
+    source: str
+    captions: list[str]
+    attrs: dict
+    qas: list[dict] = field(default_factory=list)  # every QA of the image, as in eval.parquet
+
+
+@dataclass(frozen=True)
+class Question:
+    image: int  # index into EvalSet.images
+    kind: str  # "vqa" | "pope"
+    text: str
+    answer: str
+    type: str  # colour | shape | yes_no | garment for VQA; "pope" for probes
+
+
+@dataclass
+class EvalSet:
+    images: list[EvalImage]
+    vectors: torch.Tensor  # one embedding per image, in image order
+    questions: list[Question]
+
+
+# ---------------------------------------------------------------- the eval set
+
+
+def load_eval_set(manifest: Path, embeddings: EmbeddingSet, cfg: EvaluateConfig) -> EvalSet:
+    """The seeded image subsample, its embeddings and the questions every checkpoint will be asked."""
+    table = pd.read_parquet(manifest)
+    table = table.iloc[subsample(len(table), cfg.max_images, cfg.seed)]
+    images = [_eval_image(row) for row in table.itertuples(index=False)]
+    if not images:
+        raise InputError(f"{manifest}: no eval images")
+    vectors = vectors_by_id(embeddings, [image.id for image in images], manifest)
+    questions = vqa_questions(images, cfg.max_questions, cfg.seed) + pope_questions(images, cfg.seed)
+    return EvalSet(images, torch.from_numpy(vectors), questions)
+
+
+def _eval_image(row) -> EvalImage:
+    captions = [str(c) for c in (row.captions if row.captions is not None else [])]
+    if not captions:
+        raise InputError(f"eval image {row.id!r} has no reference captions")
+    attrs = json.loads(row.attrs) if isinstance(row.attrs, str) and row.attrs else {}
+    qas = json.loads(row.questions) if isinstance(row.questions, str) and row.questions else []
+    return EvalImage(str(row.id), str(row.source), captions, attrs, qas)
+
+
+def vqa_questions(images: Sequence[EvalImage], per_image: int, seed: int) -> list[Question]:
+    rng = random.Random(f"{seed}-vqa")
+    questions = []
+    for index, image in enumerate(images):
+        for qa in rng.sample(image.qas, min(per_image, len(image.qas))):
+            questions.append(Question(index, "vqa", qa["question"], qa["answer"], qa["type"]))
+    return questions
+
+
+def pope_questions(images: Sequence[EvalImage], seed: int) -> list[Question]:
+    """One "yes" probe (the true shape) and one "no" probe (a seeded other shape) per easy-VQA image."""
+    # Its own generator, so changing max_questions leaves the probes as they were.
+    rng = random.Random(f"{seed}-pope")
+    questions = []
+    for index, image in enumerate(images):
+        shape = image.attrs.get("shape")
+        if image.source != "easyvqa" or shape not in EASYVQA_SHAPES:
+            continue
+        absent = rng.choice(sorted(EASYVQA_SHAPES - {shape}))
+        questions.append(Question(index, "pope", POPE_QUESTION.format(shape=shape), "yes", "pope"))
+        questions.append(Question(index, "pope", POPE_QUESTION.format(shape=absent), "no", "pope"))
+    return questions
+
+
+def check_checkpoint_encoder(checkpoint: Path, embeddings: EmbeddingSet) -> None:
+    """The checkpoint's projector must read embeddings of the encoder that made the eval set (read from
+    mllm.json, so a mismatch fails before any model is loaded)."""
+    config_path = checkpoint / CONFIG_FILE
+    if not config_path.is_file():
+        raise InputError(f"{checkpoint} is not an MLLM folder (no {CONFIG_FILE})")
+    trained_on = json.loads(config_path.read_text()).get("encoder", {}).get("id")
+    if trained_on != embeddings.encoder.get("id"):
+        raise InputError(
+            f"{checkpoint}: trained on encoder {trained_on}, but {embeddings.dir} was made by encoder "
+            f"{embeddings.encoder.get('id')}; evaluate with that encoder's embeddings"
+        )
+
+
+# ---------------------------------------------------------------- scorers
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation to spaces, single spaces: "A T-shirt." -> "a t shirt"."""
+    return " ".join(re.sub(r"[^\w\s]|_", " ", text.lower()).split())
+
+
+def answer_matches(prediction: str, answer: str) -> bool:
+    """Exact match after normalization, or the prediction starts with the answer as whole words."""
+    prediction, answer = normalize_answer(prediction), normalize_answer(answer)
+    return bool(answer) and (prediction == answer or prediction.startswith(answer + " "))
+
+
+def yes_no(prediction: str) -> str | None:
+    """"yes" or "no" by the first word; None for anything else."""
+    words = normalize_answer(prediction).split()
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
+def vqa_accuracy(questions: Sequence[Question], predictions: Sequence[str]) -> dict[str, float]:
+    """``vqa_acc`` overall and ``vqa_acc_<type>`` per question type (no keys without questions)."""
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for question, prediction in zip(questions, predictions):
+        by_type[question.type].append(answer_matches(prediction, question.answer))
+    if not by_type:
+        return {}
+    everything = [hit for hits in by_type.values() for hit in hits]
+    metrics = {"vqa_acc": _mean(everything)}
+    metrics.update({f"vqa_acc_{kind}": _mean(hits) for kind, hits in sorted(by_type.items())})
+    return metrics
+
+
+def pope_metrics(predicted: Sequence[str | None], truth: Sequence[str]) -> dict[str, float]:
+    """Accuracy, precision/recall/F1 with "yes" as the positive class, and the share of "yes" answers.
+
+    ``predicted`` holds "yes", "no" or None (an answer that is neither, always wrong).
+    """
+    if not truth:
+        return {}
+    true_pos = sum(p == "yes" and t == "yes" for p, t in zip(predicted, truth))
+    said_yes = sum(p == "yes" for p in predicted)
+    positives = sum(t == "yes" for t in truth)
+    precision = true_pos / said_yes if said_yes else 0.0
+    recall = true_pos / positives if positives else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "pope_acc": _mean([p == t for p, t in zip(predicted, truth)]),
+        "pope_precision": precision,
+        "pope_recall": recall,
+        "pope_f1": f1,
+        "pope_yes_ratio": said_yes / len(truth),
+    }
+
+
+# Longest paraphrase first, so "t-shirt" wins over "shirt" and "pair of trousers" over any shorter word.
+_GARMENT_PATTERNS = sorted(
+    ((normalize_answer(phrase), cls) for cls, phrases in GARMENT_WORDS.items() for phrase in phrases),
+    key=lambda pair: -len(pair[0]),
+)
+
+
+def garment_named(caption: str) -> str | None:
+    """The Fashion-MNIST class whose paraphrase the caption contains as whole words (plural allowed);
+    the longest matching paraphrase decides; None when it names none."""
+    text = normalize_answer(caption)
+    for phrase, cls in _GARMENT_PATTERNS:
+        if re.search(rf"\b{re.escape(phrase)}(?:e?s)?\b", text):
+            return cls
+    return None
+
+
+def garment_accuracy(images: Sequence[EvalImage], captions: Sequence[str]) -> dict[str, float]:
+    hits = [garment_named(c) == image.attrs.get("class_name") for image, c in zip(images, captions)
+            if image.source == "fashion_mnist"]  # fmt: skip
+    return {"garment_acc": _mean(hits)} if hits else {}
+
+
+def _sanitize_caption(text: str) -> str:
+    # The PTB tokenizer and METEOR read one sentence per line: any line break would shift every later
+    # sentence onto the wrong image, and METEOR splits on "|||".
+    return " ".join(text.replace("|||", " ").split())
+
+
+class CaptionScorer:
+    """COCO caption metrics on PTB-tokenized text. METEOR runs in one JVM that loads its paraphrase table
+    in the background as soon as the scorer exists; use it as a context manager so the JVM is closed."""
+
+    def __init__(self, metrics: Sequence[str] = CAPTION_METRICS):
+        unknown = set(metrics) - set(CAPTION_METRICS)
+        if unknown:
+            raise ValueError(f"unknown caption metrics {sorted(unknown)}; known: {CAPTION_METRICS}")
+        self.metrics = tuple(metrics)
+        self._meteor = None
+        if "meteor" in self.metrics:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            self._meteor = Meteor()
+
+    def __enter__(self) -> CaptionScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._meteor is not None:
+            process = self._meteor.meteor_p
+            process.stdin.close()
+            process.kill()
+            process.wait()
+            self._meteor = None
+
+    def score(self, predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+        """Corpus scores of one prediction per id against that id's references."""
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        if not predictions:
+            return {}
+        refs, preds = self._tokenized(predictions, references)
+        scores = {}
+        if "bleu4" in self.metrics:
+            scores["bleu4"] = Bleu(4).compute_score(refs, preds, verbose=0)[0][3]
+        if "meteor" in self.metrics:
+            if self._meteor is None:
+                raise RuntimeError("CaptionScorer is closed")
+            scores["meteor"] = self._meteor.compute_score(refs, preds)[0]
+        if "rouge_l" in self.metrics:
+            scores["rouge_l"] = Rouge().compute_score(refs, preds)[0]
+        if "cider" in self.metrics:
+            scores["cider"] = Cider().compute_score(refs, preds)[0]
+        return {name: float(value) for name, value in scores.items()}
+
+    @staticmethod
+    def _tokenized(predictions: dict[str, str], references: dict[str, list[str]]) -> tuple[dict, dict]:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        # One PTB run (one JVM start) for references and predictions together, told apart by key.
+        raw = {f"ref:{key}": [{"caption": _sanitize_caption(c)} for c in references[key]] for key in predictions}
+        raw.update({f"pred:{key}": [{"caption": _sanitize_caption(text)}] for key, text in predictions.items()})
+        tokens = PTBTokenizer().tokenize(raw)
+        refs = {key: tokens[f"ref:{key}"] for key in predictions}
+        return refs, {key: tokens[f"pred:{key}"] for key in predictions}
+
+
+def _mean(values: Sequence[bool | float]) -> float:
+    return float(sum(values) / len(values))
+
+
+# ---------------------------------------------------------------- running the model
+
+
+def answer_budget(cfg: EvaluateConfig) -> int:
+    """New tokens for a short answer: a quarter of the caption budget."""
+    return max(1, cfg.max_new_tokens // 4)
+
+
+def generate_all(
+    model: MLLM, vectors: torch.Tensor, questions: Sequence[str | None], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy generations for (embedding, question) pairs, ``batch_size`` prompts at a time."""
+    outputs: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        end = start + batch_size
+        outputs += model.generate_batch(vectors[start:end], list(questions[start:end]), max_new_tokens)
+    return outputs
+
+
+@torch.no_grad()
+def caption_nll(model: MLLM, vectors: torch.Tensor, references: Sequence[str], batch_size: int) -> float:
+    """Mean per-token NLL of ``references`` (answer tokens, end-of-turn marker included) after the caption
+    prompt, teacher-forced; tokens are weighted equally across batches."""
+    prompt = f"{model.config.image_token}\n{model.config.caption_prompt}"
+    total, tokens = 0.0, 0
+    for start in range(0, len(references), batch_size):
+        batch_vectors = vectors[start : start + batch_size]
+        conversations = [
+            [{"from": "human", "value": prompt}, {"from": "gpt", "value": reference}]
+            for reference in references[start : start + batch_size]
+        ]
+        # forward() averages over the batch's answer tokens; weight it by their count.
+        count = int((model.build_inputs(batch_vectors, conversations).labels != IGNORE_INDEX).sum())
+        if count:
+            total += float(model(batch_vectors, conversations)) * count
+            tokens += count
+    return total / tokens if tokens else float("nan")
+
+
+def evaluate_model(
+    model: MLLM, eval_set: EvalSet, cfg: EvaluateConfig, scorer: CaptionScorer
+) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, one prediction row per caption, question and probe) of one checkpoint."""
+    model.eval()
+    model.config.max_length = None  # score whole references, whatever budget training used
+    images, vectors, questions = eval_set.images, eval_set.vectors, eval_set.questions
+    captions = generate_all(model, vectors, [None] * len(images), cfg.max_new_tokens, cfg.batch_size)
+    question_vectors = vectors[[q.image for q in questions]] if questions else vectors[:0]
+    answers = generate_all(model, question_vectors, [q.text for q in questions], answer_budget(cfg), cfg.batch_size)
+    vqa = [(q, a) for q, a in zip(questions, answers) if q.kind == "vqa"]
+    pope = [(q, a) for q, a in zip(questions, answers) if q.kind == "pope"]
+    metrics = {
+        **scorer.score({im.id: c for im, c in zip(images, captions)}, {im.id: im.captions for im in images}),
+        "caption_nll": caption_nll(model, vectors, [im.captions[0] for im in images], cfg.batch_size),
+        **vqa_accuracy([q for q, _ in vqa], [a for _, a in vqa]),
+        **pope_metrics([yes_no(a) for _, a in pope], [q.answer for q, _ in pope]),
+        **garment_accuracy(images, captions),
+        "n_images": float(len(images)),
+        "n_vqa": float(len(vqa)),
+        "n_pope": float(len(pope)),
+    }
+    rows = caption_rows(images, captions, model.config.caption_prompt) + question_rows(images, questions, answers)
+    return metrics, rows
+
+
+def caption_rows(images: Sequence[EvalImage], captions: Sequence[str], prompt: str) -> list[dict]:
+    rows = []
+    for image, caption in zip(images, captions):
+        row = {"id": image.id, "kind": "caption", "prompt": prompt, "prediction": caption,
+               "references": image.captions, "correct": None}  # fmt: skip
+        if image.source == "fashion_mnist":
+            named = garment_named(caption)
+            row.update(garment=named, correct=named == image.attrs.get("class_name"))
+        rows.append(row)
+    return rows
+
+
+def question_rows(images: Sequence[EvalImage], questions: Sequence[Question], answers: Sequence[str]) -> list[dict]:
+    rows = []
+    for question, answer in zip(questions, answers):
+        rows.append({
+            "id": images[question.image].id, "kind": question.kind, "type": question.type, "prompt": question.text,
+            "prediction": answer, "reference": question.answer, "correct": is_correct(question, answer),
+        })  # fmt: skip
+    return rows
+
+
+def is_correct(question: Question, answer: str) -> bool:
+    if question.kind == "pope":
+        return yes_no(answer) == question.answer
+    return answer_matches(answer, question.answer)

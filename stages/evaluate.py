@@ -1,0 +1,103 @@
+"""``revision evaluate``: score MLLM checkpoints on the held-out eval set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+
+from revision.config import EvaluateConfig, describe, load_stage_config, read_params
+from revision.embeddings import EmbeddingSet
+from revision.errors import InputError
+from revision.evaluate import CaptionScorer, EvalSet, check_checkpoint_encoder, evaluate_model, load_eval_set
+from revision.mllm import load_mllm
+from revision.outputs import atomic_dir, write_json
+from revision.tracking import stage_run
+
+NAME = "evaluate"
+HELP = (
+    "Score MLLM checkpoints (by default stage 1 alone, i.e. zero-shot on images, and after stage 2) on the "
+    "held-out eval images: a generated caption per image against the references (BLEU-4, METEOR, ROUGE-L, "
+    "CIDEr) and their per-token NLL, VQA exact match per question type, POPE shape-existence probes on "
+    "easy-VQA and the Fashion-MNIST class the caption names. Writes metrics per checkpoint and one JSONL of "
+    "predictions per checkpoint.\n\nParams read (params.yaml):\n\n" + describe(EvaluateConfig, "evaluate")
+)
+SUMMARY_COLUMNS = ("cider", "bleu4", "meteor", "rouge_l", "caption_nll", "vqa_acc", "pope_f1", "garment_acc")
+
+
+def checkpoint_names(checkpoints: list[Path]) -> list[str]:
+    names = [checkpoint.resolve().name for checkpoint in checkpoints]
+    if not names:
+        raise InputError("no checkpoints to evaluate")
+    if len(set(names)) != len(names):
+        raise InputError(f"checkpoints must have distinct folder names, got {names}")
+    return names
+
+
+def score_checkpoint(
+    checkpoint: Path, eval_set: EvalSet, cfg: EvaluateConfig, scorer: CaptionScorer
+) -> tuple[dict[str, float], list[dict]]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return evaluate_model(load_mllm(checkpoint, device), eval_set, cfg, scorer)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def inside(path: Path, folder: Path) -> Path | None:
+    """``path`` relative to ``folder`` when it lies inside it."""
+    try:
+        return path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return None
+
+
+def summary_table(results: dict[str, dict[str, float]]) -> str:
+    width = max(len("checkpoint"), *map(len, results))
+    lines = ["checkpoint".ljust(width) + "".join(f"{column:>12}" for column in SUMMARY_COLUMNS)]
+    for name, scores in results.items():
+        cells = (f"{scores[c]:>12.4f}" if c in scores else f"{'-':>12}" for c in SUMMARY_COLUMNS)
+        lines.append(name.ljust(width) + "".join(cells))
+    return "\n".join(lines)
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'evaluate' block"),
+    prepared: Path = typer.Option(Path("data/prepared"), help="manifests (eval.parquet)"),
+    embeddings: Path = typer.Option(Path("data/embeddings"), help="embedding sets (eval_images)"),
+    checkpoints: list[Path] = typer.Option(
+        [Path("data/pretrain"), Path("data/finetune")],
+        help="MLLM folders to score, each named by its folder name (repeat the option for several)",
+    ),
+    metrics: Path = typer.Option(
+        Path("reports/evaluate/metrics.json"), help="DVC metrics file: {checkpoint name: {metric: value}}"
+    ),
+    predictions: Path = typer.Option(
+        Path("reports/evaluate"), help="folder (replaced as a whole) of <checkpoint name>.jsonl prediction rows"
+    ),
+) -> None:
+    cfg: EvaluateConfig = load_stage_config(NAME, params)
+    images = EmbeddingSet(embeddings / "eval_images")
+    names = checkpoint_names(checkpoints)
+    for checkpoint in checkpoints:
+        check_checkpoint_encoder(checkpoint, images)
+    eval_set = load_eval_set(prepared / "eval.parquet", images, cfg)
+    metrics_inside = inside(metrics, predictions)
+    results: dict[str, dict[str, float]] = {}
+    with stage_run(NAME, read_params(params)[NAME]) as run:
+        with CaptionScorer() as scorer, atomic_dir(predictions) as tmp:
+            for name, checkpoint in zip(names, checkpoints):
+                results[name], rows = score_checkpoint(checkpoint, eval_set, cfg, scorer)
+                write_jsonl(tmp / f"{name}.jsonl", rows)
+                run.log_metrics({f"{name}/{key}": value for key, value in results[name].items()})
+            if metrics_inside is not None:
+                write_json(tmp / metrics_inside, results)
+        if metrics_inside is None:
+            write_json(metrics, results)
+        run.log_artifact(predictions, "evaluate")
+    typer.echo(summary_table(results))

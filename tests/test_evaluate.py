@@ -1,0 +1,232 @@
+"""The eval scorers on constructed predictions, and `revision evaluate` end to end on a tiny MLLM."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import typer  # noqa: E402
+import yaml  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from revision.embeddings import EmbeddingWriter  # noqa: E402
+from revision.errors import InputError  # noqa: E402
+from revision.evaluate import (  # noqa: E402
+    CaptionScorer,
+    Question,
+    answer_matches,
+    garment_named,
+    normalize_answer,
+    pope_metrics,
+    vqa_accuracy,
+    yes_no,
+)
+from revision.lm import load_lm, tiny_lm  # noqa: E402
+from revision.mllm import MLLM, MLLMConfig, save_mllm  # noqa: E402
+from stages import evaluate  # noqa: E402
+
+EMBED_DIM = 16
+ENCODER = {"id": "enc-test", "kind": "lit", "name": "tiny", "dim": EMBED_DIM}
+
+
+# ---------------------------------------------------------------- scorers
+
+
+def test_normalize_answer_drops_case_punctuation_and_spacing():
+    assert normalize_answer("  A  T-shirt, Top! ") == "a t shirt top"
+
+
+@pytest.mark.parametrize(
+    "prediction, answer, expected",
+    [
+        ("Red.", "red", True),
+        ("red circle", "red", True),  # starts with the answer as a whole word
+        ("reddish", "red", False),  # ... but not as part of a word
+        ("the shape is red", "red", False),
+        ("  BLUE-green!", "blue-green", True),
+        ("Ankle boot", "ankle boot", True),
+        ("", "red", False),
+    ],
+)
+def test_answer_matches(prediction, answer, expected):
+    assert answer_matches(prediction, answer) is expected
+
+
+def test_yes_no_reads_the_first_word_only():
+    assert [yes_no(t) for t in ("Yes, there is.", "no", "NO!", "maybe yes", "yesterday", "")] == [
+        "yes", "no", "no", None, None, None,
+    ]  # fmt: skip
+
+
+def test_vqa_accuracy_overall_and_per_type():
+    questions = [Question(0, "vqa", "q", a, t) for a, t in [("red", "colour"), ("blue", "colour"), ("yes", "yes_no")]]
+    metrics = vqa_accuracy(questions, ["Red", "green", "yes it is"])
+    assert metrics == pytest.approx({"vqa_acc": 2 / 3, "vqa_acc_colour": 0.5, "vqa_acc_yes_no": 1.0})
+    assert vqa_accuracy([], []) == {}
+
+
+def test_pope_metrics_on_a_known_confusion():
+    truth = ["yes", "yes", "yes", "no", "no", "no"]
+    predicted = ["yes", "yes", "no", "yes", "no", None]  # None: neither yes nor no, always wrong
+    metrics = pope_metrics(predicted, truth)
+    assert metrics == pytest.approx({
+        "pope_acc": 0.5, "pope_precision": 2 / 3, "pope_recall": 2 / 3, "pope_f1": 2 / 3, "pope_yes_ratio": 0.5,
+    })  # fmt: skip
+    always_no = pope_metrics(["no"] * 4, ["yes", "no", "yes", "no"])
+    assert always_no["pope_f1"] == 0.0 and always_no["pope_acc"] == 0.5 and always_no["pope_yes_ratio"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("A dark ankle boot.", "ankle boot"),
+        ("A short boot, centered.", "ankle boot"),
+        ("A boot.", None),  # "boot" alone is no class's paraphrase
+        ("Product photo: a pale t-shirt top.", "t-shirt"),  # not "shirt"
+        ("This is a long-sleeved shirt.", "shirt"),
+        ("A photo of a pair of pants.", "trouser"),
+        ("A grey handbag", "bag"),
+        ("Two running shoes", "sneaker"),  # plural
+        ("A teal circle", None),  # "tee" only as a whole word
+        ("", None),
+    ],
+)
+def test_garment_named_prefers_the_longest_paraphrase(caption, expected):
+    assert garment_named(caption) == expected
+
+
+def test_caption_metrics_rank_a_perfect_caption_above_a_wrong_one():
+    references = {
+        "a": ["A small red circle in the middle.", "A red circle at the center of the image."],
+        "b": ["A large blue triangle on the left.", "There is a big blue triangle on the left side."],
+        "c": ["A dark ankle boot.", "A photo of a black ankle boot."],
+    }
+    perfect = {key: refs[0] for key, refs in references.items()}
+    # A line break inside a caption must not shift the others onto the wrong image.
+    wrong = {"a": "A dog\nplaying in the park.", "b": "Some text about a car.", "c": "Nothing to see."}
+    with CaptionScorer(("bleu4", "rouge_l", "cider")) as scorer:
+        good, bad = scorer.score(perfect, references), scorer.score(wrong, references)
+    assert set(good) == {"bleu4", "rouge_l", "cider"}
+    for metric in good:
+        assert good[metric] > bad[metric], metric
+    assert good["bleu4"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- the stage end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    return tiny_lm(tmp_path_factory.mktemp("tiny_lm"), seed=0)
+
+
+def make_checkpoint(lm_dir: Path, out: Path, encoder: dict, seed: int) -> Path:
+    lm, tokenizer = load_lm(lm_dir)
+    torch.manual_seed(seed)
+    return save_mllm(MLLM(lm, tokenizer, MLLMConfig(embed_dim=EMBED_DIM, visual_tokens=2, encoder=encoder)), out)
+
+
+def eval_rows() -> list[dict]:
+    shapes = [("circle", "red"), ("triangle", "blue"), ("rectangle", "teal")]
+    rows = [
+        {
+            "id": f"easyvqa-{i}", "source": "easyvqa", "class_name": shape, "colour": colour,
+            "captions": [f"A {colour} {shape}.", f"There is a {colour} {shape} in the middle."],
+            "questions": json.dumps([
+                {"question": "what shape is in the image?", "answer": shape, "type": "shape"},
+                {"question": f"what color is the {shape}?", "answer": colour, "type": "colour"},
+                {"question": f"is there a {shape}?", "answer": "yes", "type": "yes_no"},
+            ]),
+            "attrs": json.dumps({"class_name": shape, "colour": colour, "shape": shape}),
+        }
+        for i, (shape, colour) in enumerate(shapes)
+    ]  # fmt: skip
+    rows += [
+        {
+            "id": f"fmnist-{i}", "source": "fashion_mnist", "class_name": cls, "colour": None,
+            "captions": [f"A dark {cls}.", f"A photo of a {cls}."],
+            "questions": json.dumps([{"question": "What kind of clothing item is this?", "answer": cls,
+                                      "type": "garment"}]),
+            "attrs": json.dumps({"class_name": cls, "tone": "dark"}),
+        }
+        for i, cls in enumerate(["ankle boot", "bag", "dress"])
+    ]  # fmt: skip
+    rows.append({"id": "user-0", "source": "user", "class_name": None, "colour": None,
+                 "captions": ["A photo of my cat."], "questions": "[]", "attrs": "{}"})  # fmt: skip
+    return [{**row, "image": f"images/{row['id']}.png"} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory, tiny_lm_dir) -> Path:
+    root = tmp_path_factory.mktemp("eval_inputs")
+    (root / "prepared").mkdir()
+    rows = eval_rows()
+    pd.DataFrame(rows).to_parquet(root / "prepared" / "eval.parquet", index=False)
+    vectors = np.random.default_rng(0).normal(size=(len(rows), EMBED_DIM)).astype(np.float32)
+    writer = EmbeddingWriter(root / "embeddings" / "eval_images", ENCODER, EMBED_DIM)
+    writer.add([row["id"] for row in rows], vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    writer.close()
+    for seed, name in enumerate(["pretrain", "finetune"]):
+        make_checkpoint(tiny_lm_dir, root / "checkpoints" / name, ENCODER, seed)
+    params = {"evaluate": {"seed": 0, "max_images": 6, "max_questions": 2, "batch_size": 4, "max_new_tokens": 8}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def run_stage(root: Path, out: Path, checkpoints: list[Path]):
+    app = typer.Typer(add_completion=False)
+    app.command(evaluate.NAME)(evaluate.main)
+    args = ["--params", str(root / "params.yaml"), "--prepared", str(root / "prepared"),
+            "--embeddings", str(root / "embeddings"), "--metrics", str(out / "evaluate" / "metrics.json"),
+            "--predictions", str(out / "evaluate")]  # fmt: skip
+    for checkpoint in checkpoints:
+        args += ["--checkpoints", str(checkpoint)]
+    return CliRunner().invoke(app, args)
+
+
+def test_evaluate_stage_scores_each_checkpoint(eval_inputs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact store lands in the working folder
+    checkpoints = [eval_inputs / "checkpoints" / name for name in ("pretrain", "finetune")]
+    result = run_stage(eval_inputs, tmp_path, checkpoints)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "checkpoint" in result.output and "finetune" in result.output
+
+    metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert set(metrics) == {"pretrain", "finetune"}
+    expected = {
+        "bleu4", "meteor", "rouge_l", "cider", "caption_nll", "vqa_acc", "pope_acc", "pope_precision",
+        "pope_recall", "pope_f1", "pope_yes_ratio", "garment_acc", "n_images", "n_vqa", "n_pope",
+    }  # fmt: skip
+    for scores in metrics.values():
+        assert expected <= set(scores)
+        per_type = {key for key in scores if key.startswith("vqa_acc_")}
+        assert per_type and per_type <= {f"vqa_acc_{t}" for t in ("colour", "shape", "yes_no", "garment")}
+        assert scores["n_images"] == 6 and scores["caption_nll"] > 0 and 0 <= scores["pope_yes_ratio"] <= 1
+
+    for name in ("pretrain", "finetune"):
+        rows = [json.loads(line) for line in (tmp_path / "evaluate" / f"{name}.jsonl").read_text().splitlines()]
+        kinds = [row["kind"] for row in rows]
+        assert kinds.count("caption") == 6 and kinds.count("vqa") == metrics[name]["n_vqa"]
+        assert kinds.count("pope") == metrics[name]["n_pope"] and metrics[name]["n_pope"] % 2 == 0
+        pope = [row for row in rows if row["kind"] == "pope"]
+        assert sorted({row["reference"] for row in pope}) == ["no", "yes"]
+        assert all({"id", "prompt", "prediction", "correct"} <= set(row) for row in rows)
+        assert all("references" in row for row in rows if row["kind"] == "caption")
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_encoder(eval_inputs, tiny_lm_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    other = make_checkpoint(tiny_lm_dir, tmp_path / "other", {**ENCODER, "id": "enc-other"}, seed=0)
+    result = run_stage(eval_inputs, tmp_path, [eval_inputs / "checkpoints" / "pretrain", other])
+    assert result.exit_code != 0 and isinstance(result.exception, InputError)
+    assert "enc-other" in str(result.exception) and "enc-test" in str(result.exception)
+    assert not (tmp_path / "evaluate").exists()
