@@ -41,3 +41,31 @@ def test_identity_changes_with_the_weights(tmp_path):
     first = save_encoder(encoder, TINY, tmp_path / "a")
     train_heads(encoder, *_paired_features(), TINY.lit, seed=0)
     assert save_encoder(encoder, TINY, tmp_path / "b")["id"] != first["id"]
+
+
+def test_open_clip_checkpoint_on_disk_is_used_as_is(tmp_path):
+    """kind=open_clip loads a local checkpoint (here a tiny random architecture) and trains nothing."""
+    import json
+
+    import open_clip
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}  # fmt: skip
+    (tmp_path / "tiny-clip.json").write_text(json.dumps(arch))
+    open_clip.add_model_config(tmp_path / "tiny-clip.json")
+    weights = {k: v.contiguous() for k, v in open_clip.create_model("tiny-clip").state_dict().items()}
+    save_file(weights, str(tmp_path / "clip.safetensors"))
+    cfg = EncoderConfig(kind="open_clip", open_clip_model="tiny-clip", open_clip_config=str(tmp_path / "tiny-clip.json"),
+                        checkpoint=str(tmp_path / "clip.safetensors"))  # fmt: skip
+    encoder = build_encoder(cfg)
+    identity = save_encoder(encoder, cfg, tmp_path / "enc")
+    loaded, loaded_identity = load_encoder(tmp_path / "enc")
+    assert loaded_identity == identity and identity["dim"] == 16 and identity["kind"] == "open_clip"
+    assert not (tmp_path / "enc" / "heads.safetensors").exists()
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    torch.testing.assert_close(loaded.encode_images([image]), encoder.encode_images([image]))
+    text = loaded.encode_text(["a red square"])
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(1))
+    torch.testing.assert_close(text, encoder.encode_text(["a red square"]))

@@ -63,6 +63,7 @@ class EncoderConfig(Strict):
     kind: Literal["lit", "open_clip", "hf_clip"] = "lit"
     lit: LitConfig = LitConfig()
     open_clip_model: str = Field("ViT-B-32", description="open_clip architecture name (kind=open_clip)")
+    open_clip_config: str | None = Field(None, description="a model-config JSON registering a custom architecture")
     checkpoint: str | None = Field(
         None, description="local .pt/.safetensors/local-dir: (open_clip) or a CLIP folder (hf_clip)"
     )

@@ -150,10 +150,12 @@ class LitEncoder(nn.Module):
 
 
 class OpenClipEncoder(nn.Module):
-    def __init__(self, model_name: str, checkpoint: str):
+    def __init__(self, model_name: str, checkpoint: str, config_file: str | None = None):
         super().__init__()
         import open_clip
 
+        if config_file:
+            open_clip.add_model_config(config_file)
         self.model, _, self.transform = open_clip.create_model_and_transforms(model_name, pretrained=checkpoint)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.model.eval()
@@ -223,7 +225,7 @@ def build_encoder(cfg: EncoderConfig) -> nn.Module:
         return LitEncoder(cfg.lit, cfg.seed)
     _checkpoint_path(cfg)
     if cfg.kind == "open_clip":
-        return OpenClipEncoder(cfg.open_clip_model, cfg.checkpoint)
+        return OpenClipEncoder(cfg.open_clip_model, cfg.checkpoint, cfg.open_clip_config)
     return HFClipEncoder(cfg.checkpoint, cfg.trust_remote_code)
 
 
