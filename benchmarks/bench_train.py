@@ -25,7 +25,7 @@ from revision.config import ModelConfig
 from revision.mllm import add_lora, freeze_lm
 from revision.recipes import new_mllm
 from revision.samples import EmbeddingConversations, collate
-from revision.train import LoopConfig, train
+from revision.train import LoopConfig, epoch_order, train
 
 
 def conversations(prepared: Path, stage: int, n: int) -> list:
@@ -73,7 +73,8 @@ def time_stage_loop(args, stage: int, visual_tokens: int) -> tuple[float, float]
 def time_bare_loop(args, stage: int, visual_tokens: int) -> tuple[float, float]:
     model, data = build(args, stage, visual_tokens), dataset(args, stage)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batches = [collate([data[i] for i in range(s, s + args.batch_size)]) for s in range(0, len(data), args.batch_size)]
+    order = epoch_order(len(data), 0, 0)  # the same batches, in the same order, as the training loop's first epoch
+    batches = [collate([data[i] for i in order[s : s + args.batch_size]]) for s in range(0, len(data), args.batch_size)]
     model.train()
     start = time.perf_counter()
     for emb, convs in batches:
