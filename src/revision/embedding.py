@@ -58,7 +58,7 @@ def jobs_from_manifests(prepared: Path) -> list[EmbedJob]:
     return jobs
 
 
-def _encode_fn(encoder, job: EmbedJob, row_offset: int) -> Callable[[list], torch.Tensor]:
+def _encode_fn(encoder, job: EmbedJob) -> Callable[[list], torch.Tensor]:
     if job.modality == "text":
         return encoder.encode_text
     return lambda rows: encoder.encode_images([read_image(path, f"{job.where}: row {i}") for i, path in rows])
@@ -75,7 +75,7 @@ def embed_job(
         shard = items[start : start + shard_size]
         with accelerator.split_between_processes(list(range(len(shard)))) as mine:
             part = [shard[i] for i in mine]
-            fn = _encode_fn(encoder, job, start)
+            fn = _encode_fn(encoder, job)
             quiet = not accelerator.is_local_main_process
             vectors = batched(fn, part, batch_size, f"{job.name} {start // shard_size}", quiet).numpy()
         gathered = gather_object([vectors.reshape(-1, identity["dim"]).astype(np.float32)])

@@ -62,7 +62,7 @@ class TextTower(FrozenTower):
 
     @torch.no_grad()
     def forward(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt").to(self.model.device)
         hidden = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -111,7 +111,7 @@ class ImageTower(FrozenTower):
 
     @torch.no_grad()
     def forward(self, images: list[Image.Image]) -> torch.Tensor:
-        feats = self.features(self.preprocess(images))
+        feats = self.features(self.preprocess(images).to(next(self.model.parameters()).device))
         return feats.mean((2, 3)) if feats.ndim == 4 else feats
 
 
@@ -163,11 +163,11 @@ class OpenClipEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(self.tokenizer(texts)).float(), dim=-1)
+        return F.normalize(self.model.encode_text(self.tokenizer(texts).to(_device_of(self.model))).float(), dim=-1)
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        x = torch.stack([self.transform(img.convert("RGB")) for img in images])
+        x = torch.stack([self.transform(img.convert("RGB")) for img in images]).to(_device_of(self.model))
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
 
 
@@ -182,13 +182,17 @@ class HFClipEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        batch = self.processor(text=texts, padding=True, truncation=True, return_tensors="pt")
+        batch = self.processor(text=texts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
         return F.normalize(self.model.get_text_features(**batch), dim=-1)
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        batch = self.processor(images=[img.convert("RGB") for img in images], return_tensors="pt")
+        batch = self.processor(images=[img.convert("RGB") for img in images], return_tensors="pt").to(self.model.device)
         return F.normalize(self.model.get_image_features(**batch), dim=-1)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _fingerprint(*chunks: bytes) -> str:
@@ -272,5 +276,5 @@ def batched(fn, items: list, batch_size: int, desc: str | None = None, quiet: bo
     from tqdm.auto import tqdm
 
     starts = range(0, len(items), batch_size)
-    outputs = [fn(items[s : s + batch_size]) for s in tqdm(starts, desc=desc, disable=quiet, leave=False)]
+    outputs = [fn(items[s : s + batch_size]).cpu() for s in tqdm(starts, desc=desc, disable=quiet, leave=False)]
     return torch.cat(outputs) if outputs else torch.zeros(0)
