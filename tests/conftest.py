@@ -70,3 +70,11 @@ def isolated_mlflow(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI")
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer, built once (parsing the GGUF takes ~8 s)."""
+    from revision.lm import tiny_lm
+
+    return tiny_lm(tmp_path_factory.mktemp("tiny_lm"), seed=0)

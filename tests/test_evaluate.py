@@ -30,7 +30,7 @@ from revision.evaluate import (  # noqa: E402
     vqa_accuracy,
     yes_no,
 )
-from revision.lm import load_lm, tiny_lm  # noqa: E402
+from revision.lm import load_lm  # noqa: E402
 from revision.mllm import MLLM, MLLMConfig, save_mllm  # noqa: E402
 from stages import evaluate  # noqa: E402
 
@@ -122,11 +122,6 @@ def test_caption_metrics_rank_a_perfect_caption_above_a_wrong_one():
 
 
 # ---------------------------------------------------------------- the stage end to end
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory) -> Path:
-    return tiny_lm(tmp_path_factory.mktemp("tiny_lm"), seed=0)
 
 
 def make_checkpoint(lm_dir: Path, out: Path, encoder: dict, seed: int) -> Path:

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from revision.errors import InputError  # noqa: E402
-from revision.lm import bundled_gguf_path, load_lm, tiny_lm  # noqa: E402
+from revision.lm import bundled_gguf_path, load_lm  # noqa: E402
 from revision.mllm import (  # noqa: E402
     IGNORE_INDEX,
     IMAGE_SLOT_ID,
@@ -41,11 +41,6 @@ CONVERSATIONS = [
     ],
 ]
 ENCODER = {"kind": "lit", "name": "tiny", "dim": EMBED_DIM, "fingerprint": "abc123"}
-
-
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory) -> Path:
-    return tiny_lm(tmp_path_factory.mktemp("tiny_lm"), seed=0)
 
 
 @pytest.fixture
