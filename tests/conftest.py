@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from revision.tracking import apply_offline_defaults
+
+apply_offline_defaults()  # offline before any test module imports transformers
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

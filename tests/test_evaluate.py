@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import os
+import json
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import typer
+import yaml
+from typer.testing import CliRunner
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import typer  # noqa: E402
-import yaml  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
-from revision.embeddings import EmbeddingWriter  # noqa: E402
-from revision.errors import InputError  # noqa: E402
-from revision.evaluate import (  # noqa: E402
+from revision.embeddings import EmbeddingWriter
+from revision.errors import InputError
+from revision.evaluate import (
     CaptionScorer,
     Question,
     answer_matches,
@@ -30,9 +25,9 @@ from revision.evaluate import (  # noqa: E402
     vqa_accuracy,
     yes_no,
 )
-from revision.lm import load_lm  # noqa: E402
-from revision.mllm import MLLM, MLLMConfig, save_mllm  # noqa: E402
-from stages import evaluate  # noqa: E402
+from revision.lm import load_lm
+from revision.mllm import MLLM, MLLMConfig, save_mllm
+from stages import evaluate
 
 EMBED_DIM = 16
 ENCODER = {"id": "enc-test", "kind": "lit", "name": "tiny", "dim": EMBED_DIM}

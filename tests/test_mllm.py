@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import pytest
+import torch
+import torch.nn.functional as F
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from revision.errors import InputError  # noqa: E402
-from revision.lm import bundled_gguf_path, load_lm  # noqa: E402
-from revision.mllm import (  # noqa: E402
+from revision.errors import InputError
+from revision.lm import bundled_gguf_path, load_lm
+from revision.mllm import (
     IGNORE_INDEX,
     IMAGE_SLOT_ID,
     MLLM,

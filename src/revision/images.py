@@ -20,6 +20,3 @@ def read_image(path: str | Path, where: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{where}: unreadable image {path}: {err}") from None
 
-
-def read_manifest_images(root: Path, manifest: str, paths: list[str]) -> list[Image.Image]:
-    return [read_image(root / p, f"{root / manifest}: row {i}") for i, p in enumerate(paths)]
