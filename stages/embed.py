@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from revision.config import EmbedConfig, describe, load_stage_config, read_params
-from revision.embedding import embed_job, jobs_from_manifests
+from revision.embedding import embed_jobs, jobs_from_manifests
 from revision.encoders import load_encoder
 from revision.outputs import atomic_dir, write_json
 from revision.tracking import stage_run
@@ -18,7 +18,7 @@ HELP = (
     "Embed the unpaired text corpus, the unpaired image pool and the images of every other split (plus the "
     "eval captions) with the frozen encoder: L2-normalized float32 safetensors shards with ids, recording the "
     "encoder's identity. Work is split across processes when launched with `accelerate launch -m stages "
-    "embed`.\n\nParams read (params.yaml):\n\n" + describe(EmbedConfig, "embed")
+    "embed`. A killed run resumes from its last whole shard.\n\nParams read (params.yaml):\n\n" + describe(EmbedConfig, "embed")
 )
 
 
@@ -37,12 +37,9 @@ def main(
     encoder.to(accelerator.device)
     jobs = jobs_from_manifests(prepared)
     is_main = accelerator.is_main_process
-    rates = {}
     with stage_run(NAME, read_params(params)[NAME], is_main) as run:
-        with atomic_dir(out) if is_main else nullcontext(out) as tmp:
-            for job in jobs:
-                rates[job.name] = embed_job(encoder, identity, job, tmp, cfg.batch_size, cfg.shard_size, accelerator)
-            accelerator.wait_for_everyone()
+        with atomic_dir(out, keep_partial=True) if is_main else nullcontext(out) as tmp:
+            rates = embed_jobs(encoder, identity, jobs, tmp, cfg.batch_size, cfg.shard_size, accelerator)
         rows = {f"rows_{j.name}": len(j.ids) for j in jobs}
         run.log_metrics(rows | {f"rows_per_s_{k}": v for k, v in rates.items()})
     if is_main:  # throughput goes to MLflow only: the DVC metrics stay identical run to run

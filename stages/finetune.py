@@ -12,7 +12,8 @@ from revision.config import FinetuneConfig, describe, load_stage_config, read_pa
 from revision.embeddings import EmbeddingSet
 from revision.errors import InputError
 from revision.mllm import add_lora, load_mllm
-from revision.recipes import fingerprint, make_accelerator, train_and_save
+from revision.outputs import fingerprint, tree_digest
+from revision.recipes import make_accelerator, train_and_save
 from revision.samples import sft_samples
 from revision.tracking import stage_run
 
@@ -51,6 +52,6 @@ def main(
     else:
         model.lm.requires_grad_(True)
     with stage_run(NAME, read_params(params)[NAME], accelerator.is_main_process) as run:
-        run_id = fingerprint(cfg.model_dump(), json.loads((pretrained / "mllm.json").read_text()), len(samples))
+        run_id = fingerprint(cfg.model_dump(), tree_digest(pretrained), samples.digest())
         summary = train_and_save(model, samples, cfg, accelerator, run, run_id, checkpoints, out, metrics, loss_plot)
     typer.echo("finetune: " + json.dumps(summary))

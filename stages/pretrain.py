@@ -12,7 +12,8 @@ from accelerate.utils import set_seed
 from revision.config import ModelConfig, PretrainConfig, describe, load_stage_config, read_params
 from revision.embeddings import EmbeddingSet
 from revision.mllm import freeze_lm
-from revision.recipes import fingerprint, make_accelerator, new_mllm, train_and_save
+from revision.outputs import fingerprint
+from revision.recipes import make_accelerator, new_mllm, train_and_save
 from revision.samples import EmbeddingConversations, caption_samples
 from revision.tracking import stage_run
 
@@ -57,7 +58,7 @@ def main(
     model = freeze_lm(new_mllm(lm_dir, model_cfg, encoder, cfg.max_length))
     blocks = read_params(params)
     with stage_run(NAME, {NAME: blocks[NAME], "model": blocks["model"]}, accelerator.is_main_process) as run:
-        run_id = fingerprint(cfg.model_dump(), model_cfg.model_dump(), encoder, len(samples) if samples else 0)
+        run_id = fingerprint(cfg.model_dump(), model_cfg.model_dump(), encoder, samples.digest() if samples else None)
         summary = train_and_save(
             model, samples, cfg, accelerator, run, run_id, checkpoints, out, metrics, loss_plot, {"source": cfg.source}
         )

@@ -122,7 +122,7 @@ class TrainConfig(Strict):
     seed: int = Field(0, description="seeds the sample order")
     epochs: float = Field(1.0, gt=0, description="passes over the samples (fractions allowed)")
     max_samples: int | None = Field(None, ge=1, description="use at most this many samples (seeded choice)")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="samples per process per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -1,12 +1,14 @@
 """Embed manifests with a frozen encoder, work split across Accelerate processes.
 
-Rows are cut into shards; each process encodes a contiguous slice of the shard, the main process gathers
-the slices in rank order and writes the shard, so N processes give exactly the rows of one.
+Rows are cut into shards; each process encodes a contiguous run of the shard's batches, the main process
+gathers them in rank order and writes the shard, so N processes give exactly the rows of one. Shards are
+written as they finish, so a killed run resumes from its last whole shard (``finished_rows``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
-from revision.embeddings import EmbeddingWriter
+from revision.embeddings import EmbeddingWriter, complete_shard_rows
 from revision.encoders import batched
 from revision.images import read_image
+from revision.outputs import fingerprint
 
 
 @dataclass
@@ -58,6 +61,28 @@ def jobs_from_manifests(prepared: Path) -> list[EmbedJob]:
     return jobs
 
 
+RESUME_MARKER = "resume.json"
+
+
+def finished_rows(partial: Path, jobs: list[EmbedJob], fingerprint: str, shard_size: int) -> dict[str, int]:
+    """Rows per job that an interrupted run with the same ``fingerprint`` left in ``partial``; a folder
+    left by a run with other inputs is cleared and marked as this run's."""
+    marker = partial / RESUME_MARKER
+    if not marker.exists() or json.loads(marker.read_text()).get("fingerprint") != fingerprint:
+        shutil.rmtree(partial)
+        partial.mkdir()
+        marker.write_text(json.dumps({"fingerprint": fingerprint}))
+        return {}
+    done = {}
+    for job in jobs:
+        folder = partial / job.name
+        if (folder / "index.json").exists():
+            done[job.name] = len(job.ids)
+        elif folder.exists():
+            done[job.name] = complete_shard_rows(folder, shard_size)
+    return done
+
+
 def _encode_fn(encoder, job: EmbedJob) -> Callable[[list], torch.Tensor]:
     if job.modality == "text":
         return encoder.encode_text
@@ -65,16 +90,28 @@ def _encode_fn(encoder, job: EmbedJob) -> Callable[[list], torch.Tensor]:
 
 
 def embed_job(
-    encoder, identity: dict, job: EmbedJob, out: Path, batch_size: int, shard_size: int, accelerator: Accelerator
+    encoder,
+    identity: dict,
+    job: EmbedJob,
+    out: Path,
+    batch_size: int,
+    shard_size: int,
+    accelerator: Accelerator,
+    done: int = 0,
 ) -> float:
-    """Write ``job`` as an embedding set under ``out`` (main process); returns rows per second."""
-    writer = EmbeddingWriter(out / job.name, identity, identity["dim"], shard_size) if accelerator.is_main_process else None
+    """Write ``job`` as an embedding set under ``out`` (main process), after the ``done`` rows already
+    there; returns rows per second."""
+    writer = None
+    if accelerator.is_main_process and not (out / job.name / "index.json").exists():
+        writer = EmbeddingWriter(out / job.name, identity, identity["dim"], shard_size, job.ids[:done])
     items = job.items if job.modality == "text" else list(enumerate(job.items))
     start_time = time.perf_counter()
-    for start in range(0, len(items), shard_size):
+    for start in range(done, len(items), shard_size):
         shard = items[start : start + shard_size]
-        with accelerator.split_between_processes(list(range(len(shard)))) as mine:
-            part = [shard[i] for i in mine]
+        # processes split whole batches, so every row is encoded in the same batch as with one process
+        batch_starts = list(range(0, len(shard), batch_size))
+        with accelerator.split_between_processes(batch_starts) as mine:
+            part = shard[mine[0] : mine[-1] + batch_size] if mine else []
             fn = _encode_fn(encoder, job)
             quiet = not accelerator.is_local_main_process
             vectors = batched(fn, part, batch_size, f"{job.name} {start // shard_size}", quiet).numpy()
@@ -83,4 +120,23 @@ def embed_job(
             writer.add(job.ids[start : start + len(shard)], np.concatenate(gathered))
     if writer:
         writer.close()
-    return len(items) / max(time.perf_counter() - start_time, 1e-9)
+    return (len(items) - done) / max(time.perf_counter() - start_time, 1e-9)
+
+
+def embed_jobs(
+    encoder, identity: dict, jobs: list[EmbedJob], partial: Path, batch_size: int, shard_size: int, accelerator: Accelerator
+) -> dict[str, float]:
+    """Every job into ``partial`` (the main process's temporary output folder), after the whole shards an
+    interrupted run with the same inputs left there; returns rows per second per job."""
+    inputs = fingerprint(identity, batch_size, shard_size, [(j.name, j.ids, [str(i) for i in j.items]) for j in jobs])
+    plan = finished_rows(partial, jobs, inputs, shard_size) if accelerator.is_main_process else None
+    done = broadcast_object_list([plan])[0]
+    if any(done.values()) and accelerator.is_main_process:
+        print("embed: resuming an interrupted run; rows already embedded: " + json.dumps(done), flush=True)
+    rates = {}
+    for job in jobs:
+        rates[job.name] = embed_job(encoder, identity, job, partial, batch_size, shard_size, accelerator, done.get(job.name, 0))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / RESUME_MARKER).unlink()
+    return rates

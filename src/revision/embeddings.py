@@ -11,12 +11,14 @@ Every set records the encoder that made it, so mixing two encoders' embeddings i
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pandas as pd
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from revision.errors import InputError
@@ -31,14 +33,20 @@ class Shard:
 
 
 class EmbeddingWriter:
-    """Append (ids, vectors) batches; full shards go to disk as they fill. Call ``close`` to finish."""
+    """Append (ids, vectors) batches; full shards go to disk as they fill. Call ``close`` to finish.
 
-    def __init__(self, directory: str | Path, encoder: dict, dim: int, shard_size: int = 4096):
+    ``done_ids`` resumes an interrupted writer: the ids of the rows already on disk as full shards
+    (see ``complete_shard_rows``).
+    """
+
+    def __init__(self, directory: str | Path, encoder: dict, dim: int, shard_size: int = 4096, done_ids: list[str] = ()):
+        if len(done_ids) % shard_size:
+            raise ValueError(f"{len(done_ids)} finished rows are not whole shards of {shard_size}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.encoder, self.dim, self.shard_size = encoder, dim, shard_size
-        self.ids: list[str] = []
-        self.shards: list[Shard] = []
+        self.ids: list[str] = list(done_ids)
+        self.shards = [Shard(_shard_name(i), shard_size) for i in range(len(done_ids) // shard_size)]
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
 
@@ -55,8 +63,10 @@ class EmbeddingWriter:
     def _flush(self, rows: int) -> None:
         block = np.concatenate(self._buffer) if self._buffer else np.zeros((0, self.dim), np.float32)
         head, rest = block[:rows], block[rows:]
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        save_file({"embeddings": np.ascontiguousarray(head)}, str(self.dir / name))
+        name = _shard_name(len(self.shards))
+        tmp = self.dir / f".{name}.tmp"  # a shard file on disk is always whole, even if the process dies
+        save_file({"embeddings": np.ascontiguousarray(head)}, str(tmp))
+        os.replace(tmp, self.dir / name)
         self.shards.append(Shard(name, len(head)))
         self._buffer, self._buffered = ([rest] if len(rest) else []), len(rest)
 
@@ -76,6 +86,25 @@ class EmbeddingWriter:
         }
         (self.dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")
         return index
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def complete_shard_rows(directory: str | Path, shard_size: int) -> int:
+    """Rows an interrupted writer left in ``directory`` as consecutive full shards (the rest is discarded)."""
+    directory = Path(directory)
+    shards = 0
+    while (directory / _shard_name(shards)).exists():
+        with safe_open(str(directory / _shard_name(shards)), "np") as shard:
+            if shard.get_slice("embeddings").get_shape()[0] != shard_size:
+                break
+        shards += 1
+    for leftover in directory.glob("shard-*.safetensors"):
+        if int(leftover.stem.split("-")[1]) >= shards:
+            leftover.unlink()
+    return shards * shard_size
 
 
 class EmbeddingSet:

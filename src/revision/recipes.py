@@ -3,7 +3,6 @@ fingerprints and loss summaries."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ from accelerate import Accelerator
 from revision.config import ModelConfig, TrainConfig
 from revision.lm import lm_path, load_lm
 from revision.mllm import MLLM, MLLMConfig, save_mllm
-from revision.outputs import atomic_dir, atomic_file, write_json
+from revision.outputs import atomic_dir, atomic_file, fingerprint, write_json
 from revision.samples import EmbeddingConversations, collate
 from revision.train import LoopConfig, train
 from revision.tracking import StageRun
@@ -30,11 +29,6 @@ def new_mllm(lm_dir: Path, model_cfg: ModelConfig, encoder: dict, max_length: in
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
-
-
-def fingerprint(*parts) -> str:
-    """Identifies a training run's inputs, so a checkpoint is only resumed by the run that made it."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def loss_summary(history: list[dict], window: int = 10) -> dict[str, float]:

@@ -46,6 +46,7 @@ def _resume(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str) -> list[
     if progress.get("fingerprint") != fingerprint:
         return []
     accelerator.load_state(str(ckpt_dir / "state"))
+    accelerator.print(f"resuming from the checkpoint at step {len(progress['history'])} in {ckpt_dir}")
     return progress["history"]
 
 
@@ -72,7 +73,8 @@ def train(
 ) -> list[dict]:
     """Train the parameters of ``model`` that require grad; returns one row per optimizer step."""
     accum = accelerator.gradient_accumulation_steps
-    batches_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    # each process sees its own share of every epoch, ``batch_size`` samples at a time
+    batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * accelerator.num_processes))
     steps_per_epoch = max(1, batches_per_epoch // accum)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -87,7 +89,11 @@ def train(
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         order = Subset(dataset, epoch_order(len(dataset), cfg.seed, epoch))
-        loader = accelerator.prepare_data_loader(DataLoader(order, batch_size=cfg.batch_size, collate_fn=collate))
+        # A private generator: starting an iterator draws a seed from it, and from the global RNG otherwise,
+        # so a resumed run (one more iterator) would shift every later dropout mask.
+        private = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(order, batch_size=cfg.batch_size, collate_fn=collate, generator=private)
+        loader = accelerator.prepare_data_loader(loader)
         loader = accelerator.skip_first_batches(loader, done_in_epoch * accum)
         for batch_index, batch in enumerate(loader):
             if batch_index >= (steps_per_epoch - done_in_epoch) * accum:
