@@ -11,7 +11,7 @@ from accelerate.utils import set_seed
 from revision.config import FinetuneConfig, describe, load_stage_config, read_params
 from revision.embeddings import EmbeddingSet
 from revision.errors import InputError
-from revision.mllm import add_lora, load_mllm
+from revision.mllm import MLLM, add_lora, load_mllm
 from revision.outputs import fingerprint, tree_digest
 from revision.recipes import make_accelerator, train_and_save
 from revision.samples import sft_samples
@@ -23,6 +23,17 @@ HELP = (
     "on assistant turns only; the projector and the LM learn, through LoRA adapters (finetune.lora, merged "
     "on save) or fully.\n\nParams read (params.yaml):\n\n" + describe(FinetuneConfig, "finetune")
 )
+
+
+def load_finetunable(pretrained: Path, cfg: FinetuneConfig) -> MLLM:
+    """The stage-1 model with what stage 2 trains switched on: LoRA adapters or the whole LM."""
+    model = load_mllm(pretrained)
+    model.config.max_length = cfg.max_length
+    if cfg.lora:
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    else:
+        model.lm.requires_grad_(True)
+    return model
 
 
 def main(
@@ -39,19 +50,15 @@ def main(
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     images = EmbeddingSet(embeddings / "sft_images")
-    model = load_mllm(pretrained)
+    model = load_finetunable(pretrained, cfg)
     if model.config.encoder.get("id") != images.encoder.get("id"):
         raise InputError(
             f"{pretrained}: trained on encoder {model.config.encoder.get('id')}, but {images.dir} was made by "
             f"{images.encoder.get('id')}; re-run pretrain on this encoder's embeddings"
         )
     samples = sft_samples(images, prepared / "sft.json", cfg.max_samples, cfg.seed)
-    model.config.max_length = cfg.max_length
-    if cfg.lora:
-        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    else:
-        model.lm.requires_grad_(True)
     with stage_run(NAME, read_params(params)[NAME], accelerator.is_main_process) as run:
         run_id = fingerprint(cfg.model_dump(), tree_digest(pretrained), samples.digest())
-        summary = train_and_save(model, samples, cfg, accelerator, run, run_id, checkpoints, out, metrics, loss_plot)
+        outputs = (checkpoints, out, metrics, loss_plot, lambda: load_finetunable(pretrained, cfg))
+        summary = train_and_save(model, samples, cfg, accelerator, run, run_id, *outputs)
     typer.echo("finetune: " + json.dumps(summary))

@@ -55,11 +55,11 @@ def main(
     accelerator = make_accelerator(cfg)
     set_seed(model_cfg.seed)
     samples, encoder = stage1_samples(cfg, prepared, embeddings, realign)
-    model = freeze_lm(new_mllm(lm_dir, model_cfg, encoder, cfg.max_length))
+    build = lambda: freeze_lm(new_mllm(lm_dir, model_cfg, encoder, cfg.max_length))  # noqa: E731
+    model = build()
     blocks = read_params(params)
     with stage_run(NAME, {NAME: blocks[NAME], "model": blocks["model"]}, accelerator.is_main_process) as run:
         run_id = fingerprint(cfg.model_dump(), model_cfg.model_dump(), encoder, samples.digest() if samples else None)
-        summary = train_and_save(
-            model, samples, cfg, accelerator, run, run_id, checkpoints, out, metrics, loss_plot, {"source": cfg.source}
-        )
+        outputs = (checkpoints, out, metrics, loss_plot, build, {"source": cfg.source})
+        summary = train_and_save(model, samples, cfg, accelerator, run, run_id, *outputs)
     typer.echo(f"pretrain ({cfg.source}): " + json.dumps(summary))

@@ -29,6 +29,14 @@ def run(
     return result
 
 
+def lock_outputs(repo: Path) -> dict[str, list]:
+    """Every stage's outputs as DVC hashed them in dvc.lock."""
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {stage: sorted((o["path"], o.get("md5")) for o in entry.get("outs", [])) for stage, entry in lock.items()}
+
+
 def copy_repo(dest: Path, profile: str | None = "tiny") -> Path:
     """Tracked and untracked-not-ignored files into ``dest``, a fresh git repo with one commit."""
     files = run(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()

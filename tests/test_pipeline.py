@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 
 import numpy as np
 import pandas as pd
+from typer.testing import CliRunner
 
 from revision.embeddings import EmbeddingSet
+from stages.cli import app
 from tests.conftest import run
 
 
@@ -98,11 +101,12 @@ def test_both_training_stages_lower_the_loss_and_log_curves(tiny_repo):
 
 def test_chat_answers_from_stage1_and_final_checkpoints(tiny_repo):
     image = next((tiny_repo / "data" / "prepared" / "images").glob("easyvqa-*.png"))
-    for checkpoint in ("data/pretrain", "data/finetune"):
-        result = run(["revision", "chat", "--image", str(image), "--checkpoint", checkpoint, "--max-new-tokens", "4"], tiny_repo)
-        assert result.stdout.strip(), checkpoint
-    missing = run(["revision", "chat", "--image", "nope.png", "--checkpoint", "data/finetune"], tiny_repo, check=False)
-    assert missing.returncode == 2 and "nope.png: image file not found" in missing.stderr
+    with contextlib.chdir(tiny_repo):  # in this process: the same CLI without the interpreter start-up
+        for checkpoint in ("data/pretrain", "data/finetune"):
+            result = CliRunner().invoke(app, ["chat", "--image", str(image), "--checkpoint", checkpoint, "--max-new-tokens", "4"])
+            assert result.exit_code == 0 and result.stdout.strip(), checkpoint
+        missing = CliRunner().invoke(app, ["chat", "--image", "nope.png", "--checkpoint", "data/finetune"])
+    assert missing.exit_code == 2 and "nope.png: image file not found" in missing.output
 
 
 def test_evaluate_scores_both_checkpoints(tiny_repo):

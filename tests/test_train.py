@@ -33,14 +33,14 @@ def _collate(rows):
 
 
 def test_loss_goes_down(tmp_path):
-    history = train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "fp")
+    _, history = train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "fp")
     assert len(history) == 24  # 3 epochs x 8 steps
     assert history[-1]["loss"] < 0.2 * history[0]["loss"]
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     reference = _model()
-    full = train(reference, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "a", "fp")
+    _, full = train(reference, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "a", "fp")
 
     calls = {"n": 0}
 
@@ -53,12 +53,12 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(_model(), _data(), _collate, crashing_loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
     resumed_model = _model()
-    resumed = train(resumed_model, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
+    _, resumed = train(resumed_model, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6)
     torch.testing.assert_close(resumed_model.weight, reference.weight)
 
 
 def test_checkpoint_of_other_params_is_ignored(tmp_path):
     train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "old-params")
-    history = train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "new-params")
+    _, history = train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "new-params")
     assert history[0]["step"] == 1 and len(history) == 24

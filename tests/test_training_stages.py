@@ -1,14 +1,15 @@
-"""pretrain sources and finetune modes through the real CLI, on the tiny pipeline's outputs."""
+"""pretrain sources and finetune modes through the real CLI (in this process), on the tiny pipeline's outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 
 import pandas as pd
 import yaml
+from typer.testing import CliRunner
 
-from tests.conftest import run
+from stages.cli import app
 
 
 def _stage(tiny_repo, tmp_path, stage: str, **overrides) -> dict:
@@ -19,14 +20,14 @@ def _stage(tiny_repo, tmp_path, stage: str, **overrides) -> dict:
     out = tmp_path / "out"
     args = ["revision", stage, "--params", str(path), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
             "--loss-plot", str(tmp_path / "loss.csv"), "--checkpoints", str(tmp_path / "ckpt")]  # fmt: skip
-    # log to the session's throwaway store: the tiny repo's own store must keep one run per stage
-    result = run(args, tiny_repo, check=False, tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    with contextlib.chdir(tiny_repo):  # reads the tiny repo's data/; logs to the session's throwaway MLflow store
+        result = CliRunner().invoke(app, args[1:])
     return {"result": result, "out": out, "metrics": tmp_path / "m.json"}
 
 
 def test_paired_baseline_trains_on_real_image_embeddings(tiny_repo, tmp_path):
     done = _stage(tiny_repo, tmp_path, "pretrain", source="paired")
-    assert done["result"].returncode == 0, done["result"].stderr[-2000:]
+    assert done["result"].exit_code == 0, done["result"].output[-2000:]
     summary = json.loads(done["metrics"].read_text())
     pairs = len(pd.read_parquet(tiny_repo / "data" / "prepared" / "pretrain_pairs.parquet"))
     assert summary["source"] == "paired" and summary["samples"] == pairs
@@ -35,19 +36,19 @@ def test_paired_baseline_trains_on_real_image_embeddings(tiny_repo, tmp_path):
 
 def test_pretrain_none_skips_training_but_writes_a_model(tiny_repo, tmp_path):
     done = _stage(tiny_repo, tmp_path, "pretrain", source="none")
-    assert done["result"].returncode == 0, done["result"].stderr[-2000:]
+    assert done["result"].exit_code == 0, done["result"].output[-2000:]
     assert json.loads(done["metrics"].read_text())["steps"] == 0
     assert (done["out"] / "projector.safetensors").exists()
 
 
 def test_full_finetune_trains_the_whole_lm(tiny_repo, tmp_path):
     done = _stage(tiny_repo, tmp_path, "finetune", lora=False)
-    assert done["result"].returncode == 0, done["result"].stderr[-2000:]
+    assert done["result"].exit_code == 0, done["result"].output[-2000:]
     summary = json.loads(done["metrics"].read_text())
     assert summary["loss_last"] < summary["loss_first"]
 
 
 def test_unknown_pretrain_source_is_a_clean_error(tiny_repo, tmp_path):
     done = _stage(tiny_repo, tmp_path, "pretrain", source="captions")
-    assert done["result"].returncode == 2 and "pretrain.source" in done["result"].stderr
+    assert done["result"].exit_code == 2 and "pretrain.source" in done["result"].output
     assert not done["out"].exists()

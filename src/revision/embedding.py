@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from revision.embeddings import EmbeddingWriter, complete_shard_rows
+from revision.embeddings import EmbeddingWriter, complete_shard_rows, positions
 from revision.encoders import batched
 from revision.images import read_image
 from revision.outputs import fingerprint
@@ -34,7 +34,10 @@ class EmbedJob:
     modality: str  # "text" | "image"
     ids: list[str]
     items: list
-    where: str = ""
+    where: str  # the manifest the rows come from, for errors
+
+    def __post_init__(self):
+        positions(self.ids, self.where)  # a repeated id would make two rows of one name
 
 
 def jobs_from_manifests(prepared: Path) -> list[EmbedJob]:
@@ -46,7 +49,8 @@ def jobs_from_manifests(prepared: Path) -> list[EmbedJob]:
         return EmbedJob(name, "image", table["id"].astype(str).tolist(), paths, str(prepared / manifest))
 
     text = pd.read_parquet(prepared / "text_corpus.parquet")
-    jobs.append(EmbedJob("text", "text", text["id"].astype(str).tolist(), text["text"].tolist()))
+    corpus = str(prepared / "text_corpus.parquet")
+    jobs.append(EmbedJob("text", "text", text["id"].astype(str).tolist(), text["text"].tolist(), corpus))
     for name, manifest in [
         ("image_pool", "image_pool.parquet"),
         ("encoder_images", "encoder_pairs.parquet"),
@@ -57,7 +61,8 @@ def jobs_from_manifests(prepared: Path) -> list[EmbedJob]:
     sft = pd.DataFrame(json.loads((prepared / "sft.json").read_text()), columns=["id", "image"])
     jobs.append(images("sft_images", sft, "sft.json"))
     evals = pd.read_parquet(prepared / "eval.parquet")
-    jobs.append(EmbedJob("eval_text", "text", evals["id"].astype(str).tolist(), [c[0] for c in evals["captions"]]))
+    captions = [c[0] for c in evals["captions"]]
+    jobs.append(EmbedJob("eval_text", "text", evals["id"].astype(str).tolist(), captions, str(prepared / "eval.parquet")))
     return jobs
 
 

@@ -88,6 +88,16 @@ class EmbeddingWriter:
         return index
 
 
+def positions(ids: list[str], where: str | Path) -> dict[str, int]:
+    """Row of each id; a repeated id is an ``InputError`` naming ``where`` and both rows."""
+    position: dict[str, int] = {}
+    for row, id_ in enumerate(ids):
+        if id_ in position:
+            raise InputError(f"{where}: row {row}: duplicate id {id_!r} (first at row {position[id_]})")
+        position[id_] = row
+    return position
+
+
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 

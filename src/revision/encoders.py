@@ -276,5 +276,7 @@ def batched(fn, items: list, batch_size: int, desc: str | None = None, quiet: bo
     from tqdm.auto import tqdm
 
     starts = range(0, len(items), batch_size)
-    outputs = [fn(items[s : s + batch_size]).cpu() for s in tqdm(starts, desc=desc, disable=quiet, leave=False)]
+    # closed even when a batch fails (e.g. on a bad image), so the bar is erased before the error is printed
+    with tqdm(starts, desc=desc, disable=quiet, leave=False) as progress:
+        outputs = [fn(items[s : s + batch_size]).cpu() for s in progress]
     return torch.cat(outputs) if outputs else torch.zeros(0)

@@ -67,11 +67,12 @@ class EvalSet:
 def load_eval_set(manifest: Path, embeddings: EmbeddingSet, cfg: EvaluateConfig) -> EvalSet:
     """The seeded image subsample, its embeddings and the questions every checkpoint will be asked."""
     table = pd.read_parquet(manifest)
-    table = table.iloc[subsample(len(table), cfg.max_images, cfg.seed)]
+    keep = subsample(len(table), cfg.max_images, cfg.seed)
+    table = table.iloc[keep]
     images = [_eval_image(row) for row in table.itertuples(index=False)]
     if not images:
         raise InputError(f"{manifest}: no eval images")
-    vectors = vectors_by_id(embeddings, [image.id for image in images], manifest)
+    vectors = vectors_by_id(embeddings, [image.id for image in images], manifest, keep)
     questions = vqa_questions(images, cfg.max_questions, cfg.seed) + pope_questions(images, cfg.seed)
     return EvalSet(images, torch.from_numpy(vectors), questions)
 

@@ -349,7 +349,8 @@ def labels_for(ids: list[str], table: Path) -> dict[str, list]:
     frame = frame.assign(id=frame["id"].astype(str)).drop_duplicates("id").set_index("id")
     missing = pd.Index(ids).difference(frame.index)
     if len(missing):
-        raise InputError(f"{table}: no row for id {missing[0]!r} (and {len(missing) - 1} more)")
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"{table}: no row for id {missing[0]!r}{more}")
     rows = frame.loc[ids]
     return {c: [None if pd.isna(v) else v for v in rows[c]] for c in LABEL_COLUMNS if c in rows.columns}
 

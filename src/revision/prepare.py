@@ -107,16 +107,29 @@ def _user_labels(source: str) -> dict:
     return {"source": source, "class_name": None, "colour": None, "attrs": "{}"}
 
 
+def _claim_ids(owners: dict[str, str], ids: list[str], entries: str) -> None:
+    """Record ``entries[row]`` as the owner of each id; an id someone already owns is an error naming both."""
+    for row, id_ in enumerate(ids):
+        entry = f"{entries}[{row}]"
+        if id_ in owners:
+            raise InputError(f"{entry}: duplicate id {id_!r}, already used by {owners[id_]}")
+        owners[id_] = entry
+
+
 def add_user_data(tables: dict, images_dir: Path, cfg: PrepareConfig, rng: random.Random) -> None:
     """Append the user's dataset.json (unpaired) and LLaVA JSON (paired conversations) to the tables."""
+    owners = {row["id"]: f"the bundled {name} split" for name, rows in tables.items() for row in rows}
     if cfg.user_dataset:
         images, texts = read_revision_dataset(cfg.user_dataset)
+        _claim_ids(owners, [image.id for image in images], f"{cfg.user_dataset}: images")
+        _claim_ids(owners, [text["id"] for text in texts], f"{cfg.user_dataset}: texts")
         for image in images:
             tables["image_pool"].append({"id": image.id, "image": _copy_image(image.path, image.id, images_dir), **_user_labels("user")})
         for text in texts:
             tables["text_corpus"].append({**text, **_user_labels("user")})
     if cfg.user_llava:
         records = read_llava(cfg.user_llava)
+        _claim_ids(owners, [r["id"] for r in records], f"{cfg.user_llava}: ")
         rng.shuffle(records)
         n_eval = max(1, round(len(records) * cfg.user_eval_fraction))
         n_pairs = round(len(records) * cfg.user_pairs_fraction)
@@ -135,6 +148,8 @@ def add_user_data(tables: dict, images_dir: Path, cfg: PrepareConfig, rng: rando
 def _copy_image(src: Path, image_id: str, images_dir: Path) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)
     dest = images_dir / f"{safe}{src.suffix.lower() or '.png'}"
+    if dest.exists():  # distinct ids such as 'a b' and 'a_b' must not overwrite each other's image
+        raise InputError(f"{src}: id {image_id!r} gives the file name {dest.name} that another id already took")
     shutil.copyfile(src, dest)
     return f"images/{dest.name}"
 

@@ -25,6 +25,7 @@ Methods (``Recipe.method``):
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -686,8 +687,14 @@ def apply_files(stats_path, text_path, output_dir, chunk_rows: int) -> tuple[Rea
 
 
 def _write_npy_and_stats(text: EmbeddingSource, stats: RealignStats, output_dir: Path, chunk_rows: int) -> Moments:
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
-    moments = align_to_npy(text, stats, output_dir / "aligned_text.npy", chunk_rows)
+    try:
+        moments = align_to_npy(text, stats, output_dir / "aligned_text.npy", chunk_rows)
+    except BaseException:
+        if created:  # a bad row found while writing leaves no empty output folder behind
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     save_stats(stats, output_dir)
     return moments
 

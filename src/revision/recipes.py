@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from accelerate import Accelerator
@@ -60,20 +61,27 @@ def train_and_save(
     out: Path,
     metrics: Path,
     loss_plot: Path,
+    rebuild: Callable[[], MLLM],
     extra: dict | None = None,
 ) -> dict:
     """Train (unless ``samples`` is None), then on the main process save the MLLM atomically, write the
-    metrics and loss curve, and drop the checkpoints the finished run no longer needs."""
+    metrics and loss curve, and drop the checkpoints the finished run no longer needs.
+
+    The saved weights are ``accelerator.get_state_dict``'s full copy loaded into ``rebuild()``, a fresh model
+    of the same shape: under ZeRO-3 or FSDP the trained model only holds this process's shard."""
     history = []
     if samples is not None:
         loop = LoopConfig(cfg.seed, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.checkpoint_every)
         loss = lambda m, batch: m(batch[0], batch[1])  # noqa: E731
-        history = train(model, samples, collate, loss, loop, accelerator, checkpoints, run_id, run.log_metrics)
+        model, history = train(model, samples, collate, loss, loop, accelerator, checkpoints, run_id, run.log_metrics)
+    state = accelerator.get_state_dict(model)  # every process takes part: sharded weights are gathered here
     summary = {**(extra or {}), "samples": len(samples) if samples is not None else 0, **loss_summary(history)}
     run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     if accelerator.is_main_process:
+        trained = rebuild()
+        trained.load_state_dict(state)
         with atomic_dir(out) as tmp:
-            save_mllm(accelerator.unwrap_model(model), tmp)
+            save_mllm(trained, tmp)
         write_json(metrics, summary)
         write_loss_csv(loss_plot, history)
         shutil.rmtree(checkpoints, ignore_errors=True)

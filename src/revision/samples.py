@@ -7,6 +7,7 @@ the SFT conversations.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from revision.captions import CAPTION_PROMPTS
-from revision.embeddings import EmbeddingSet
+from revision.embeddings import EmbeddingSet, positions
 from revision.errors import InputError
 
 
@@ -33,19 +34,39 @@ class EmbeddingConversations(Dataset):
     def __getitem__(self, index: int):
         return self.vectors[index], self.conversations[index]
 
+    def digest(self) -> str:
+        """Changes whenever any vector or conversation does (so a stale checkpoint is never resumed)."""
+        content = hashlib.sha256(self.vectors.numpy().tobytes())
+        content.update(json.dumps(self.conversations, sort_keys=True).encode())
+        return content.hexdigest()
+
 
 def collate(rows: list) -> tuple[torch.Tensor, list]:
     return torch.stack([r[0] for r in rows]), [r[1] for r in rows]
 
 
-def vectors_by_id(embeddings: EmbeddingSet, ids: list[str], manifest: Path) -> np.ndarray:
-    """Rows of ``embeddings`` in the order of ``ids``; every id must be there."""
-    position = {id_: i for i, id_ in enumerate(embeddings.ids())}
-    missing = [(row, i) for row, i in enumerate(ids) if i not in position]
+def vectors_by_id(embeddings: EmbeddingSet, ids: list[str], manifest: Path, rows: list[int] | None = None) -> np.ndarray:
+    """Rows of ``embeddings`` in the order of ``ids``; every id must be there. ``rows`` are the manifest rows
+    the ids come from (0, 1, ... unless a subsample), so an error points at the right entry."""
+    position = positions(embeddings.ids(), embeddings.dir / "ids.parquet")
+    rows = list(range(len(ids))) if rows is None else rows
+    missing = [(row, i) for row, i in zip(rows, ids) if i not in position]
     if missing:
         row, id_ = missing[0]
         raise InputError(f"{manifest}: row {row}: id {id_!r} has no embedding in {embeddings.dir} ({len(missing)} missing)")
-    return embeddings.load()[[position[i] for i in ids]]
+    return _finite_vectors(embeddings)[[position[i] for i in ids]]
+
+
+def _finite_vectors(embeddings: EmbeddingSet) -> np.ndarray:
+    """Every vector of the set; a NaN or inf would turn the projector's loss into NaN, so it stops here."""
+    shards = []
+    for path, first_row, vectors in embeddings.iter_shards():
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        if len(bad):
+            row = int(bad[0])
+            raise InputError(f"{path}: row {row} (row {first_row + row} of {embeddings.dir}) has non-finite values")
+        shards.append(vectors)
+    return np.concatenate(shards) if shards else np.zeros((0, embeddings.dim), np.float32)
 
 
 def subsample(n: int, max_samples: int | None, seed: int) -> list[int]:
@@ -60,7 +81,7 @@ def caption_samples(
     """Stage 1: "<image> + caption request" -> the text itself, for each row of ``table``."""
     keep = subsample(len(table), max_samples, seed)
     table = table.iloc[keep]
-    vectors = vectors_by_id(embeddings, table["id"].astype(str).tolist(), manifest)
+    vectors = vectors_by_id(embeddings, table["id"].astype(str).tolist(), manifest, keep)
     rng = random.Random(seed)
     conversations = [
         [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"}, {"from": "gpt", "value": text}]
@@ -72,6 +93,7 @@ def caption_samples(
 def sft_samples(embeddings: EmbeddingSet, sft_json: Path, max_samples: int | None, seed: int) -> EmbeddingConversations:
     """Stage 2: the SFT conversations with their images' embeddings."""
     records = json.loads(sft_json.read_text())
-    records = [records[i] for i in subsample(len(records), max_samples, seed)]
-    vectors = vectors_by_id(embeddings, [str(r["id"]) for r in records], sft_json)
+    keep = subsample(len(records), max_samples, seed)
+    records = [records[i] for i in keep]
+    vectors = vectors_by_id(embeddings, [str(r["id"]) for r in records], sft_json, keep)
     return EmbeddingConversations(vectors, [r["conversations"] for r in records])

@@ -70,8 +70,9 @@ def train(
     ckpt_dir: Path,
     fingerprint: str,
     log: Callable[[dict, int], None] = lambda metrics, step: None,
-) -> list[dict]:
-    """Train the parameters of ``model`` that require grad; returns one row per optimizer step."""
+) -> tuple[torch.nn.Module, list[dict]]:
+    """Train the parameters of ``model`` that require grad; returns the prepared (wrapped) model, which
+    ``accelerator.get_state_dict`` needs under ZeRO-3 or FSDP, and one row per optimizer step."""
     accum = accelerator.gradient_accumulation_steps
     # each process sees its own share of every epoch, ``batch_size`` samples at a time
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * accelerator.num_processes))
@@ -119,4 +120,4 @@ def train(
             if step >= total_steps:
                 break
     progress.close()
-    return history
+    return model, history

@@ -29,8 +29,14 @@ def _load_json(path: Path):
         raise InputError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
 
 
+def _object(entry, where: str) -> dict:
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
+    return entry
+
+
 def _field(entry, key: str, where: str) -> str:
-    if not isinstance(entry, dict) or not isinstance(entry.get(key), str) or not entry[key].strip():
+    if not isinstance(_object(entry, where).get(key), str) or not entry[key].strip():
         raise InputError(f"{where}: missing or empty '{key}'")
     return entry[key]
 
@@ -77,7 +83,7 @@ def read_llava(path: str | Path) -> list[dict]:
     records = []
     for row, entry in enumerate(data):
         where = f"{path}: [{row}]"
-        record_id = str(entry.get("id", "")) if isinstance(entry, dict) else ""
+        record_id = str(_object(entry, where).get("id", ""))
         if not record_id:
             raise InputError(f"{where}: missing 'id'")
         image = path.parent / _field(entry, "image", where)
