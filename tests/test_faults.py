@@ -28,7 +28,7 @@ def reports(repo: Path) -> dict[str, bytes]:
 def test_killed_stages_resume_and_reruns_are_identical(tiny_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo, symlinks=True)
-    for stage in KILLED:
+    for stage in [*KILLED, "evaluate"]:  # evaluate re-runs too: its metrics must come out the same
         forget(repo, stage)
     for stage, partial in KILLED.items():  # each `dvc repro` first finishes the stage killed before
         kill = {"PYTHONPATH": str(INSTRUMENT), "REVISION_TEST_STAGE": stage, "REVISION_TEST_KILL_AFTER": "1"}
@@ -38,7 +38,7 @@ def test_killed_stages_resume_and_reruns_are_identical(tiny_repo, tmp_path):
         if stage != "embed":
             assert "resuming" in killed.stdout  # the stage killed in the previous round picked up its pieces
     finished = run(["dvc", "repro"], repo)
-    assert "resuming from the checkpoint" in finished.stdout
+    assert "resuming from the checkpoint" in finished.stdout and "Running stage 'evaluate'" in finished.stdout
     assert not any((repo / partial).exists() for partial in KILLED.values())
     assert lock_outputs(repo) == lock_outputs(tiny_repo)
     assert reports(repo) == reports(tiny_repo)
