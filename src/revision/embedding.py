@@ -110,6 +110,7 @@ def embed_job(
     if accelerator.is_main_process and not (out / job.name / "index.json").exists():
         writer = EmbeddingWriter(out / job.name, identity, identity["dim"], shard_size, job.ids[:done])
     items = job.items if job.modality == "text" else list(enumerate(job.items))
+    fn = _encode_fn(encoder, job)
     start_time = time.perf_counter()
     for start in range(done, len(items), shard_size):
         shard = items[start : start + shard_size]
@@ -117,7 +118,6 @@ def embed_job(
         batch_starts = list(range(0, len(shard), batch_size))
         with accelerator.split_between_processes(batch_starts) as mine:
             part = shard[mine[0] : mine[-1] + batch_size] if mine else []
-            fn = _encode_fn(encoder, job)
             quiet = not accelerator.is_local_main_process
             vectors = batched(fn, part, batch_size, f"{job.name} {start // shard_size}", quiet).numpy()
         gathered = gather_object([vectors.reshape(-1, identity["dim"]).astype(np.float32)])

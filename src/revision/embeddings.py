@@ -149,9 +149,15 @@ class EmbeddingSet:
             start += len(vectors)
 
     def load(self) -> np.ndarray:
-        if not self.shards:
-            return np.zeros((0, self.dim), np.float32)
-        return np.concatenate([v for _, _, v in self.iter_shards()])
+        """Every vector; a NaN or inf row (it would turn any loss into NaN) is an error naming its shard."""
+        shards = []
+        for path, first_row, vectors in self.iter_shards():
+            bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+            if len(bad):
+                row = int(bad[0])
+                raise InputError(f"{path}: row {row} (row {first_row + row} of {self.dir}) has non-finite values")
+            shards.append(vectors)
+        return np.concatenate(shards) if shards else np.zeros((0, self.dim), np.float32)
 
 
 def check_same_encoder(*sets: EmbeddingSet) -> dict:

@@ -54,19 +54,7 @@ def vectors_by_id(embeddings: EmbeddingSet, ids: list[str], manifest: Path, rows
     if missing:
         row, id_ = missing[0]
         raise InputError(f"{manifest}: row {row}: id {id_!r} has no embedding in {embeddings.dir} ({len(missing)} missing)")
-    return _finite_vectors(embeddings)[[position[i] for i in ids]]
-
-
-def _finite_vectors(embeddings: EmbeddingSet) -> np.ndarray:
-    """Every vector of the set; a NaN or inf would turn the projector's loss into NaN, so it stops here."""
-    shards = []
-    for path, first_row, vectors in embeddings.iter_shards():
-        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-        if len(bad):
-            row = int(bad[0])
-            raise InputError(f"{path}: row {row} (row {first_row + row} of {embeddings.dir}) has non-finite values")
-        shards.append(vectors)
-    return np.concatenate(shards) if shards else np.zeros((0, embeddings.dim), np.float32)
+    return embeddings.load()[[position[i] for i in ids]]
 
 
 def subsample(n: int, max_samples: int | None, seed: int) -> list[int]:
