@@ -17,8 +17,9 @@ NAME = "embed"
 HELP = (
     "Embed the unpaired text corpus, the unpaired image pool and the images of every other split (plus the "
     "eval captions) with the frozen encoder: L2-normalized float32 safetensors shards with ids, recording the "
-    "encoder's identity. Work is split across processes when launched with `accelerate launch -m stages "
-    "embed`. A killed run resumes from its last whole shard.\n\nParams read (params.yaml):\n\n" + describe(EmbedConfig, "embed")
+    "encoder's identity. Under several processes (params.yaml `launch`, e.g. `accelerate launch --config_file "
+    "configs/accelerate/ddp.yaml -m stages`) each encodes whole batches and the output is identical to one "
+    "process's. A killed run resumes from its last whole shard.\n\nParams read (params.yaml):\n\n" + describe(EmbedConfig, "embed")
 )
 
 
