@@ -40,10 +40,10 @@ def main(
     is_main = accelerator.is_main_process
     with stage_run(NAME, read_params(params)[NAME], is_main) as run:
         with atomic_dir(out, keep_partial=True) if is_main else nullcontext(out) as tmp:
-            rates = embed_jobs(encoder, identity, jobs, tmp, cfg.batch_size, cfg.shard_size, accelerator)
+            rates = embed_jobs(encoder, identity, jobs, tmp, cfg.batch_size, cfg.shard_size, accelerator, cfg.stress_shift)
         rows = {f"rows_{j.name}": len(j.ids) for j in jobs}
         run.log_metrics(rows | {f"rows_per_s_{k}": v for k, v in rates.items()})
     if is_main:  # throughput goes to MLflow only: the DVC metrics stay identical run to run
-        write_json(metrics, {"encoder": identity, **rows})
+        write_json(metrics, {"encoder": identity, "stress_shift": cfg.stress_shift, **rows})
         typer.echo("embed: " + ", ".join(f"{j.name}={len(j.ids)}" for j in jobs))
 

@@ -8,7 +8,7 @@ import typer
 
 from revision.config import PrepareConfig, describe, load_stage_config, read_params
 from revision.outputs import atomic_dir, write_json
-from revision.prepare import prepare
+from revision.prepare import distinct_corpus_texts, prepare
 from revision.tracking import stage_run
 
 NAME = "prepare"
@@ -28,6 +28,7 @@ def main(
     cfg = load_stage_config(NAME, params)
     with stage_run(NAME, read_params(params)[NAME]) as run, atomic_dir(out) as tmp:
         counts = prepare(cfg, tmp)
-        run.log_metrics({f"rows_{k}": v for k, v in counts.items()})
-    write_json(metrics, {"rows": counts})
-    typer.echo(f"prepare: wrote {out} " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        distinct = distinct_corpus_texts(tmp)
+        run.log_metrics({f"rows_{k}": v for k, v in counts.items()} | {"distinct_captions": distinct})
+    write_json(metrics, {"rows": counts, "distinct_captions": distinct})
+    typer.echo(f"prepare: wrote {out} " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f"; {distinct} distinct captions")

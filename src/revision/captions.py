@@ -7,6 +7,7 @@ class, so the text corpus has many distinct strings and a model cannot learn a l
 from __future__ import annotations
 
 import random
+import re
 
 from revision.sources import FASHION_MNIST_CLASSES, Item
 
@@ -47,15 +48,27 @@ GARMENT_WORDS = {
     "ankle boot": ["ankle boot", "short boot", "bootie"],
 }
 TONE_WORDS = {"dark": ["dark", "dark grey", "black"], "mid-grey": ["grey", "mid-grey", "gray"], "light": ["light", "pale", "light grey", "white"]}
-GARMENT_TEMPLATES = [
-    "A {tone} {garment}.",
-    "A photo of a {tone} {garment}.",
-    "A grayscale picture of a {garment}.",
-    "A {garment} in {tone} tones on a black background.",
-    "Product photo: a {tone} {garment}.",
-    "A small low-resolution image of a {garment}.",
-    "This is a {garment}, shown in {tone}.",
-    "A {tone} {garment}, centered.",
+EXTENT_PHRASES = {
+    "small": ["small in the frame", "with empty space around it", "taking up little of the frame"],
+    "medium": ["at a moderate size", "in the middle of the frame", "neither large nor small in the frame"],
+    "large": ["filling the frame", "taking up most of the picture", "filling most of the image"],
+}
+TEXTURE_WORDS = {
+    "plain": ["plain", "smooth", "solid-coloured"],
+    "patterned": ["lightly patterned", "slightly textured", "subtly detailed"],
+    "textured": ["textured", "patterned", "busy-patterned"],
+}
+# A garment caption is an opener and a body, so tone, texture and extent combine freely with the wording.
+GARMENT_OPENERS = ["A", "A photo of a", "An image of a", "A picture of a", "Product shot: a", "A grayscale photo of a",
+                   "Here is a", "This shows a"]  # fmt: skip
+GARMENT_BODIES = [
+    "{texture} {tone} {garment}, {extent}.",
+    "{tone} {garment} with a {texture} look, {extent}.",
+    "{texture} {garment} in {tone}.",
+    "{tone} {garment}, {extent}.",
+    "{garment} {extent}; it looks {texture}.",
+    "{tone}, {texture} {garment}.",
+    "{garment} in {tone} tones on a black background.",
 ]
 CAPTION_PROMPTS = [
     "Describe the image briefly.",
@@ -78,6 +91,15 @@ def _position_phrase(position: str, rng: random.Random) -> str:
 
 def caption(item: Item, rng: random.Random) -> str:
     """One caption for ``item``, its template and wording drawn from ``rng``."""
+    return _articles(_raw_caption(item, rng))
+
+
+def _articles(text: str) -> str:
+    """"a" before a vowel becomes "an" ("a orange disc" -> "an orange disc")."""
+    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
+
+
+def _raw_caption(item: Item, rng: random.Random) -> str:
     a = item.attrs
     if item.source == "easyvqa":
         position = _position_phrase(a["position"], rng)
@@ -88,8 +110,11 @@ def caption(item: Item, rng: random.Random) -> str:
             position=position,
             position_cap=position[0].upper() + position[1:],
         )
-    return rng.choice(GARMENT_TEMPLATES).format(
-        tone=_pick(TONE_WORDS, a["tone"], rng), garment=_pick(GARMENT_WORDS, a["class_name"], rng)
+    return (rng.choice(GARMENT_OPENERS) + " " + rng.choice(GARMENT_BODIES)).format(
+        tone=_pick(TONE_WORDS, a["tone"], rng),
+        garment=_pick(GARMENT_WORDS, a["class_name"], rng),
+        extent=_pick(EXTENT_PHRASES, a.get("extent", "medium"), rng),
+        texture=_pick(TEXTURE_WORDS, a.get("texture", "plain"), rng),
     )
 
 

@@ -20,10 +20,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from revision.embeddings import EmbeddingWriter, complete_shard_rows, positions
+from revision.embeddings import EmbeddingSet, EmbeddingWriter, complete_shard_rows, positions
 from revision.encoders import batched
 from revision.images import read_image
 from revision.outputs import fingerprint
+from revision.stress import STRESS_FILE, class_direction, class_spread, shift_images
 
 
 @dataclass
@@ -35,6 +36,7 @@ class EmbedJob:
     ids: list[str]
     items: list
     where: str  # the manifest the rows come from, for errors
+    labels: list[str] | None = None  # class per row (the text corpus), for the stress direction
 
     def __post_init__(self):
         positions(self.ids, self.where)  # a repeated id would make two rows of one name
@@ -50,7 +52,8 @@ def jobs_from_manifests(prepared: Path) -> list[EmbedJob]:
 
     text = pd.read_parquet(prepared / "text_corpus.parquet")
     corpus = str(prepared / "text_corpus.parquet")
-    jobs.append(EmbedJob("text", "text", text["id"].astype(str).tolist(), text["text"].tolist(), corpus))
+    labels = text["class_name"].astype(str).tolist()
+    jobs.append(EmbedJob("text", "text", text["id"].astype(str).tolist(), text["text"].tolist(), corpus, labels))
     for name, manifest in [
         ("image_pool", "image_pool.parquet"),
         ("encoder_images", "encoder_pairs.parquet"),
@@ -67,6 +70,21 @@ def jobs_from_manifests(prepared: Path) -> list[EmbedJob]:
 
 
 RESUME_MARKER = "resume.json"
+
+
+def _stress(jobs: list[EmbedJob], partial: Path, amount: float, accelerator: Accelerator) -> Callable:
+    """The image shift of ``revision.stress``, its direction read from the finished text set (main process,
+    recorded in stress.json) and shared with every process."""
+    direction = None
+    if accelerator.is_main_process:
+        text = next(j for j in jobs if j.labels is not None)
+        vectors = EmbeddingSet(partial / text.name).load()
+        direction = class_direction(vectors, text.labels)
+        record = {"shift": amount, "direction_from": text.name,
+                  "class_positions": class_spread(vectors, text.labels, direction), "direction": direction.tolist()}  # fmt: skip
+        (partial / STRESS_FILE).write_text(json.dumps(record, indent=1))
+    direction = broadcast_object_list([direction])[0]
+    return lambda vectors: shift_images(vectors, direction, amount)
 
 
 def finished_rows(partial: Path, jobs: list[EmbedJob], fingerprint: str, shard_size: int) -> dict[str, int]:
@@ -88,10 +106,11 @@ def finished_rows(partial: Path, jobs: list[EmbedJob], fingerprint: str, shard_s
     return done
 
 
-def _encode_fn(encoder, job: EmbedJob) -> Callable[[list], torch.Tensor]:
+def _encode_fn(encoder, job: EmbedJob, image_shift: Callable | None) -> Callable[[list], torch.Tensor]:
     if job.modality == "text":
         return encoder.encode_text
-    return lambda rows: encoder.encode_images([read_image(path, f"{job.where}: row {i}") for i, path in rows])
+    encode = lambda rows: encoder.encode_images([read_image(path, f"{job.where}: row {i}") for i, path in rows])  # noqa: E731
+    return encode if image_shift is None else lambda rows: image_shift(encode(rows))
 
 
 def embed_job(
@@ -103,6 +122,7 @@ def embed_job(
     shard_size: int,
     accelerator: Accelerator,
     done: int = 0,
+    image_shift: Callable | None = None,
 ) -> float:
     """Write ``job`` as an embedding set under ``out`` (main process), after the ``done`` rows already
     there; returns rows per second."""
@@ -110,7 +130,7 @@ def embed_job(
     if accelerator.is_main_process and not (out / job.name / "index.json").exists():
         writer = EmbeddingWriter(out / job.name, identity, identity["dim"], shard_size, job.ids[:done])
     items = job.items if job.modality == "text" else list(enumerate(job.items))
-    fn = _encode_fn(encoder, job)
+    fn = _encode_fn(encoder, job, image_shift)
     start_time = time.perf_counter()
     for start in range(done, len(items), shard_size):
         shard = items[start : start + shard_size]
@@ -129,18 +149,31 @@ def embed_job(
 
 
 def embed_jobs(
-    encoder, identity: dict, jobs: list[EmbedJob], partial: Path, batch_size: int, shard_size: int, accelerator: Accelerator
+    encoder,
+    identity: dict,
+    jobs: list[EmbedJob],
+    partial: Path,
+    batch_size: int,
+    shard_size: int,
+    accelerator: Accelerator,
+    stress_shift: float = 0.0,
 ) -> dict[str, float]:
     """Every job into ``partial`` (the main process's temporary output folder), after the whole shards an
-    interrupted run with the same inputs left there; returns rows per second per job."""
-    inputs = fingerprint(identity, batch_size, shard_size, [(j.name, j.ids, [str(i) for i in j.items]) for j in jobs])
+    interrupted run with the same inputs left there; returns rows per second per job. With ``stress_shift``
+    the image sets are moved along the text class direction (``revision.stress``), found once the text set
+    is written."""
+    job_inputs = [(j.name, j.ids, [str(i) for i in j.items]) for j in jobs]
+    inputs = fingerprint(identity, batch_size, shard_size, stress_shift, job_inputs)
     plan = finished_rows(partial, jobs, inputs, shard_size) if accelerator.is_main_process else None
     done = broadcast_object_list([plan])[0]
     if any(done.values()) and accelerator.is_main_process:
         print("embed: resuming an interrupted run; rows already embedded: " + json.dumps(done), flush=True)
-    rates = {}
+    rates, image_shift = {}, None
     for job in jobs:
-        rates[job.name] = embed_job(encoder, identity, job, partial, batch_size, shard_size, accelerator, done.get(job.name, 0))
+        if job.modality == "image" and stress_shift and image_shift is None:
+            image_shift = _stress(jobs, partial, stress_shift, accelerator)
+        rows_done = done.get(job.name, 0)
+        rates[job.name] = embed_job(encoder, identity, job, partial, batch_size, shard_size, accelerator, rows_done, image_shift)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / RESUME_MARKER).unlink()

@@ -182,3 +182,8 @@ def prepare(cfg: PrepareConfig, out: Path) -> dict[str, int]:
         pd.DataFrame(tables[name]).to_parquet(out / f"{name}.parquet", index=False)
     (out / "sft.json").write_text(json.dumps(tables["sft"], indent=1))
     return {name: len(rows) for name, rows in tables.items()}
+
+
+def distinct_corpus_texts(out: Path) -> int:
+    """How many different strings the unpaired text corpus holds (a templated corpus repeats itself)."""
+    return int(pd.read_parquet(out / "text_corpus.parquet", columns=["text"])["text"].nunique())
