@@ -1,0 +1,181 @@
+"""The ablation study: a grid of DVC experiments (condition x seed) and the report made from their results.
+
+Every experiment is the pipeline with the study profile's sizes, one condition (how stage 1 gets its inputs)
+and one seed (model, pretrain and finetune seeds together). The stress world repeats the alignment
+conditions with ``embed.stress_shift`` on (``revision.stress``). The report reads what ``dvc exp show --json``
+returns, so every number in it comes from an experiment that DVC can show and reproduce.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+ALIGNED = {"pretrain.source": "aligned", "realign.method": "realign"}
+SWITCHES = ("realign.anchor", "realign.trace", "realign.centroid")
+
+# Every condition sets the same keys, so no experiment inherits a value from another.
+CONDITIONS: dict[str, dict[str, object]] = {
+    "none": {"pretrain.source": "none"},
+    "paired": {"pretrain.source": "paired"},
+    "raw": {"pretrain.source": "raw"},
+    "mean_shift": {**ALIGNED, "realign.method": "mean_shift"},
+    "c3": {**ALIGNED, "realign.method": "c3"},
+    "anchor": {**ALIGNED, "realign.anchor": True, "realign.trace": False, "realign.centroid": False},
+    "anchor_trace": {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": False},
+    "full": {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": True},
+}
+STRESS_CONDITIONS = ("raw", "c3", "anchor", "full")
+LABELS = {
+    "none": "no stage 1", "paired": "paired images (LLaVA-style)", "raw": "raw text (no alignment)",
+    "mean_shift": "mean shift (Unicorn)", "c3": "C3", "anchor": "ReAlign anchor only",
+    "anchor_trace": "ReAlign anchor + trace", "full": "ReAlign full (ReVision)",
+}  # fmt: skip
+# The paper's 11-benchmark averages (no number for mean shift); ReVision-2M text vs 1M pairs for "paired".
+PAPER = {"raw": 47.50, "c3": 48.06, "anchor": 46.68, "anchor_trace": 48.67, "full": 50.16, "none": 43.58, "paired": 48.91}
+TABLES = {
+    "Alignment methods (cf. the paper's Table 1)": ("raw", "mean_shift", "c3", "full"),
+    "ReAlign step ablation (cf. Table 5)": ("raw", "anchor", "anchor_trace", "full"),
+    "What stage 1 trains on (cf. Tables 2 and 6)": ("none", "paired", "raw", "full"),
+}
+DOWNSTREAM = ("garment_acc", "caption_nll", "cider", "bleu4", "pope_f1", "vqa_acc")
+LOWER_IS_BETTER = {"caption_nll", "centroid_gap"}
+GAP = {  # column -> (section of reports/realign/metrics.json, key) for the aligned text
+    "centroid_gap": ("after", "centroid_gap"),
+    "trace_ratio": ("after", "trace_ratio"),
+    "knn_mixing": ("after", "knn_mixing"),
+    "t2i_r1": ("eval_after", "t2i_r1"),
+    "probe_acc": ("probe_class_name", "text_aligned"),
+}
+HEADLINE = (("pretrain", "garment_acc"), ("pretrain", "caption_nll"), ("finetune", "garment_acc"), ("finetune", "cider"))
+NAME = re.compile(r"^study-(?:(?P<stress>stress)-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    overrides: dict[str, object]
+
+
+def grid(seeds: Sequence[int], profile: dict[str, object], stress_shift: float) -> list[Experiment]:
+    """Seed-major, so a grid stopped early still has whole seeds of every condition."""
+    worlds = [("", 0.0, tuple(CONDITIONS))] + ([("stress-", stress_shift, STRESS_CONDITIONS)] if stress_shift else [])
+    experiments = []
+    for seed in seeds:
+        for prefix, shift, conditions in worlds:
+            for condition in conditions:
+                overrides = {**profile, **{s: True for s in SWITCHES}, **CONDITIONS[condition]}
+                overrides.update({"embed.stress_shift": shift, "model.seed": seed, "pretrain.seed": seed, "finetune.seed": seed})
+                experiments.append(Experiment(f"study-{prefix}{condition}-s{seed}", overrides))
+    return experiments
+
+
+def yaml_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def queue_command(experiment: Experiment) -> list[str]:
+    sets = [arg for key, value in experiment.overrides.items() for arg in ("-S", f"{key}={yaml_value(value)}")]
+    return ["dvc", "exp", "run", "--queue", "--name", experiment.name, *sets]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# ---------------------------------------------------------------- reading the experiments
+
+
+@dataclass(frozen=True)
+class Result:
+    stress: bool
+    condition: str
+    seed: int
+    params: dict
+    metrics: dict  # metrics file -> its content
+
+
+def study_results(exp_show: list) -> list[Result]:
+    """Every finished study experiment in ``dvc exp show --json`` output (any baseline commit)."""
+    results = []
+    for record in _records(exp_show):
+        match = NAME.match(record.get("name") or "")
+        data = record.get("data") or {}
+        if not match or record.get("error") or not data.get("metrics"):
+            continue
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+        metrics = {path: (entry or {}).get("data", {}) for path, entry in data["metrics"].items()}
+        results.append(Result(bool(match["stress"]), match["condition"], int(match["seed"]), params, metrics))
+    return results
+
+
+def _records(node) -> Iterable[dict]:
+    if isinstance(node, list):
+        for item in node:
+            yield from _records(item)
+    elif isinstance(node, dict):
+        if "data" in node and "rev" in node:
+            yield node
+        for key in ("experiments", "revs"):
+            yield from _records(node.get(key) or [])
+
+
+def downstream(result: Result, checkpoint: str, metric: str) -> float | None:
+    value = result.metrics.get("reports/evaluate/metrics.json", {}).get(checkpoint, {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def gap_metric(result: Result, column: str) -> float | None:
+    """The gap of the text stage 1 trained on (raw text: the 'before' side); none for none/paired."""
+    if result.condition in ("none", "paired"):
+        return None
+    section, key = GAP[column]
+    if result.condition == "raw":
+        section = {"after": "before", "eval_after": "eval_before"}.get(section, section)
+        key = "text_raw" if key == "text_aligned" else key
+    value = result.metrics.get("reports/realign/metrics.json", {}).get(section, {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Summary:
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else float("nan")
+
+    def cell(self, digits: int = 3) -> str:
+        if not self.values:
+            return "—"
+        sd = "" if math.isnan(self.sd) else f" ± {self.sd:.{digits}f}"
+        return f"{self.mean:.{digits}f}{sd}"
+
+
+def summarize(values: Iterable[float | None]) -> Summary:
+    return Summary(tuple(v for v in values if v is not None and not math.isnan(v)))
+
+
+def within_noise(a: Summary, b: Summary) -> bool | None:
+    """The difference of two means is within noise when it is at most two standard errors of the
+    difference (seed-to-seed sd of each side); None when either side has fewer than two seeds."""
+    if len(a.values) < 2 or len(b.values) < 2:
+        return None
+    se = math.sqrt(a.sd**2 / len(a.values) + b.sd**2 / len(b.values))
+    return abs(a.mean - b.mean) <= 2 * se

@@ -1,0 +1,75 @@
+"""``revision study``: the ablation grid as queued DVC experiments, then reports/ablation.md from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import typer
+import yaml
+
+from revision.errors import InputError
+from revision.outputs import write_json
+from revision.study import flatten, grid, queue_command
+
+NAME = "study"
+HELP = (
+    "Run the ablation study: queue one DVC experiment per condition (stage 1 on nothing, paired images, raw "
+    "text, or text aligned by mean shift, C3, ReAlign anchor only / anchor+trace / full) and seed, plus the "
+    "alignment conditions again under the modality-gap stress (embed.stress_shift), all with the sizes of "
+    "profiles/study.yaml; run the queue (`dvc exp run --run-all`), then write reports/ablation.md from "
+    "`dvc exp show --json`. MLflow runs of all experiments go to one store (MLFLOW_TRACKING_URI, by default "
+    "this folder's mlflow.db). Not a DVC stage: it drives DVC."
+)
+
+
+def main(
+    seeds: int = typer.Option(3, min=1, help="seeds per condition (model, pretrain and finetune seed 0..N-1)"),
+    stress_shift: float = typer.Option(0.8, min=0.0, help="embed.stress_shift of the stress world (0: no stress world)"),
+    profile: Path = typer.Option(Path("profiles/study.yaml"), help="sizes every experiment runs with"),
+    jobs: int = typer.Option(1, min=1, help="experiments run at once (each uses every core it can get)"),
+    report_only: bool = typer.Option(False, help="only write the report from the experiments there are"),
+    report: Path = typer.Option(Path("reports/ablation.md"), help="the generated report"),
+    run_record: Path = typer.Option(Path("reports/study_run.json"), help="wall time and size of the last grid run"),
+) -> None:
+    if not report_only:
+        if not profile.is_file():
+            raise InputError(f"{profile}: no such study profile")
+        experiments = grid(range(seeds), flatten(yaml.safe_load(profile.read_text()) or {}), stress_shift)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
+        for experiment in experiments:
+            subprocess.run(queue_command(experiment), check=True, stdout=subprocess.DEVNULL)
+        typer.echo(f"study: queued {len(experiments)} experiments; running them one after another")
+        start = time.perf_counter()
+        finished = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)])
+        wall = time.perf_counter() - start
+        write_json(run_record, {"experiments": len(experiments), "seeds": seeds, "stress_shift": stress_shift,
+                                "jobs": jobs, "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode})  # fmt: skip
+        typer.echo(f"study: the queue ran for {wall / 60:.1f} min (dvc exit code {finished.returncode})")
+    write_report(report, run_record)
+
+
+def tracking_uri() -> str:
+    """Queued experiments run in temporary copies of the repository: a relative sqlite path would lose them."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def write_report(report: Path, run_record: Path) -> None:
+    from revision.ablation_report import render
+    from revision.outputs import atomic_file
+    from revision.study import study_results
+
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True)
+    results = study_results(json.loads(shown.stdout))
+    if not results:
+        raise InputError("no finished study experiments in `dvc exp show`; run `revision study` first")
+    record = json.loads(run_record.read_text()) if run_record.is_file() else None
+    with atomic_file(report) as tmp:
+        tmp.write_text(render(results, record))
+    typer.echo(f"study: wrote {report} from {len(results)} experiments")
