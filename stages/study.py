@@ -65,7 +65,7 @@ def write_report(report: Path, run_record: Path) -> None:
     from revision.outputs import atomic_file
     from revision.study import study_results
 
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True)
+    shown = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True, check=True)
     results = study_results(json.loads(shown.stdout))
     if not results:
         raise InputError("no finished study experiments in `dvc exp show`; run `revision study` first")

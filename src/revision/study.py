@@ -67,7 +67,7 @@ def grid(seeds: Sequence[int], profile: dict[str, object], stress_shift: float) 
     for seed in seeds:
         for prefix, shift, conditions in worlds:
             for condition in conditions:
-                overrides = {**profile, **{s: True for s in SWITCHES}, **CONDITIONS[condition]}
+                overrides = {**profile, "realign.method": "realign", **{s: True for s in SWITCHES}, **CONDITIONS[condition]}
                 overrides.update({"embed.stress_shift": shift, "model.seed": seed, "pretrain.seed": seed, "finetune.seed": seed})
                 experiments.append(Experiment(f"study-{prefix}{condition}-s{seed}", overrides))
     return experiments
@@ -105,9 +105,12 @@ class Result:
 
 
 def study_results(exp_show: list) -> list[Result]:
-    """Every finished study experiment in ``dvc exp show --json`` output (any baseline commit)."""
-    results = []
-    for record in _records(exp_show):
+    """Every finished study experiment in ``dvc exp show --json --all-commits`` output; where a name was run
+    on several baseline commits, the newest run counts."""
+    results, newest = [], {}
+    for record in sorted(_records(exp_show), key=lambda r: str((r.get("data") or {}).get("timestamp") or "")):
+        newest[record.get("name")] = record
+    for record in newest.values():
         match = NAME.match(record.get("name") or "")
         data = record.get("data") or {}
         if not match or record.get("error") or not data.get("metrics"):

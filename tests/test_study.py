@@ -1,0 +1,95 @@
+"""The study grid, the noise rule and the report, on a synthetic `dvc exp show --json`."""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import pytest
+
+from revision.ablation_report import render
+from revision.study import CONDITIONS, STRESS_CONDITIONS, grid, queue_command, study_results, summarize, within_noise
+
+PROFILE = {"pretrain.max_samples": 256, "evaluate.max_images": 40}
+
+
+def test_grid_is_every_condition_and_seed_plus_the_stress_world():
+    experiments = grid(range(3), PROFILE, 0.8)
+    assert len(experiments) == 3 * (len(CONDITIONS) + len(STRESS_CONDITIONS))
+    assert len({e.name for e in experiments}) == len(experiments)
+    assert len({frozenset(e.overrides) for e in experiments}) == 1  # every experiment sets the same keys
+    for e in experiments:
+        seed = int(e.name.rsplit("-s", 1)[1])
+        assert e.overrides["model.seed"] == e.overrides["pretrain.seed"] == e.overrides["finetune.seed"] == seed
+        assert e.overrides["embed.stress_shift"] == (0.8 if e.name.startswith("study-stress-") else 0.0)
+        assert e.overrides["pretrain.max_samples"] == 256
+    anchor = next(e for e in experiments if e.name == "study-anchor-s0").overrides
+    assert (anchor["realign.anchor"], anchor["realign.trace"], anchor["realign.centroid"]) == (True, False, False)
+    assert [e.name for e in experiments[:2]] == ["study-none-s0", "study-paired-s0"]  # seed-major order
+    assert len(grid(range(2), PROFILE, 0.0)) == 2 * len(CONDITIONS)
+
+
+def test_queue_command_writes_yaml_booleans():
+    command = queue_command(grid([0], PROFILE, 0.0)[-1])
+    assert command[:6] == ["dvc", "exp", "run", "--queue", "--name", "study-full-s0"]
+    assert "realign.centroid=true" in command and "pretrain.source=aligned" in command
+
+
+def test_noise_rule_uses_two_standard_errors():
+    a, b = summarize([0.50, 0.52, 0.54]), summarize([0.50, 0.52, 0.54])
+    assert within_noise(a, b)
+    far = summarize([0.70, 0.72, 0.74])
+    assert within_noise(a, far) is False
+    se = (2 * 0.02**2 / 3) ** 0.5
+    assert within_noise(a, summarize([v + 1.9 * se for v in a.values]))
+    assert not within_noise(a, summarize([v + 2.1 * se for v in a.values]))
+    assert within_noise(summarize([0.5]), far) is None
+
+
+def _experiment(name: str, garment: float, nll: float, error: str | None = None) -> dict:
+    metrics = {"pretrain": {"garment_acc": garment, "caption_nll": nll}, "finetune": {"garment_acc": garment + 0.1, "cider": 1.0}}
+    realign = {"after": {"centroid_gap": 0.001}, "before": {"centroid_gap": 0.5}, "probe_class_name": {"text_aligned": 0.9, "text_raw": 0.6}}
+    data = {
+        "rev": name[:7],
+        "params": {"params.yaml": {"data": {"embed": {"stress_shift": 0.8 if "stress" in name else 0.0}}}},
+        "metrics": {"reports/evaluate/metrics.json": {"data": metrics}, "reports/realign/metrics.json": {"data": realign}},
+    }
+    return {"rev": name[:7], "name": name, "data": data, "error": error, "experiments": None}
+
+
+def _exp_show(experiments: list[dict]) -> list[dict]:
+    """The shape of `dvc exp show --json` (DVC 3): the workspace, then the baseline with its experiments."""
+    return [
+        {"rev": "workspace", "name": None, "data": {"rev": "workspace", "params": {}, "metrics": {}}, "experiments": None},
+        {"rev": "abc1234", "name": "main", "data": {"rev": "abc1234", "params": {}, "metrics": {}},
+         "experiments": [{"name": e["name"], "executor": None, "revs": [e]} for e in experiments]},
+    ]  # fmt: skip
+
+
+def test_report_aggregates_seeds_and_says_what_is_within_noise():
+    experiments = [_experiment(f"study-full-s{s}", g, 1.0) for s, g in enumerate([0.60, 0.62, 0.64])]
+    experiments += [_experiment(f"study-raw-s{s}", g, 1.5) for s, g in enumerate([0.40, 0.41, 0.42])]
+    experiments += [_experiment(f"study-anchor-s{s}", g, 1.0) for s, g in enumerate([0.59, 0.62, 0.65])]
+    experiments += [_experiment("study-stress-raw-s0", 0.1, 3.0), _experiment("study-c3-s9", 0.9, 0.1, error="failed")]
+    experiments.append(_experiment("my-own-exp", 0.99, 0.1))
+    results = study_results(_exp_show(experiments))
+    assert sorted((r.stress, r.condition, r.seed) for r in results)[:2] == [(False, "anchor", 0), (False, "anchor", 1)]
+    assert all(r.condition != "c3" for r in results) and len(results) == 10  # failed and foreign experiments left out
+    report = render(results, {"wall_s": 600.0, "experiments": 10, "jobs": 1, "dvc_exit_code": 0})
+    mean, sd = statistics.fmean([0.60, 0.62, 0.64]), statistics.stdev([0.60, 0.62, 0.64])
+    assert f"| ReAlign full (ReVision) | {mean:.3f} ± {sd:.3f} |" in report.replace("| 3 | 50.16 | 0.001 ± 0.000 | — | — | — | 0.900 ± 0.000 ", "")
+    assert "raw text (no alignment): pretrain garment_acc -0.210 (above noise)" in report
+    assert re.search(r"ReAlign anchor only: pretrain garment_acc [+-]0\.000 \(within noise\)", report)
+    assert "pretrain caption_nll -0.500 (above noise)" in report  # lower NLL is better: raw is worse
+    assert "| raw text (no alignment) | 3 | 47.50 | 0.500 ± 0.000 |" in report  # raw text: the gap before alignment
+    assert "Grid wall time: 10.0 min for 10 experiments" in report
+    assert "embed.stress_shift = 0.8" in report
+    with pytest.raises(StopIteration):
+        next(line for line in report.splitlines() if "0.99" in line)
+
+
+def test_a_study_run_again_on_a_newer_commit_replaces_the_older_run():
+    old, new = _experiment("study-full-s0", 0.1, 2.0), _experiment("study-full-s0", 0.7, 1.0)
+    old["data"]["timestamp"], new["data"]["timestamp"] = "2026-11-20T10:00:00", "2026-11-22T10:00:00"
+    results = study_results(_exp_show([new]) + _exp_show([old]))
+    assert len(results) == 1 and results[0].metrics["reports/evaluate/metrics.json"]["pretrain"]["garment_acc"] == 0.7
