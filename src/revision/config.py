@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from revision.errors import InputError
 
@@ -136,6 +136,12 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="use bf16/fp16 on GPUs that have it")
     max_length: int = Field(96, ge=8, description="token budget per sample, visual tokens included")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        # `dvc exp run -S` rewrites params.yaml without quotes, and YAML 1.1 reads a bare `no` as false.
+        return "no" if value is False else value
 
 
 class PretrainConfig(TrainConfig):
