@@ -28,7 +28,7 @@ CONDITIONS: dict[str, dict[str, object]] = {
     "anchor_trace": {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": False},
     "full": {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": True},
 }
-STRESS_CONDITIONS = ("raw", "c3", "anchor", "full")
+STRESS_CONDITIONS = ("raw", "anchor", "full")
 LABELS = {
     "none": "no stage 1", "paired": "paired images (LLaVA-style)", "raw": "raw text (no alignment)",
     "mean_shift": "mean shift (Unicorn)", "c3": "C3", "anchor": "ReAlign anchor only",
