@@ -1,9 +1,9 @@
-# Two entry points for a fresh machine: `make repro` (install + run the default pipeline) and
-# `make test` (install + run the test suite). Everything runs from the project's own .venv.
+# Entry points for a fresh machine: `make repro` (install + run the default pipeline), `make test` (install +
+# run the test suite) and `make study` (install + the ablation grid). Everything runs from the project's own .venv.
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test
+.PHONY: install repro test study
 
 install: $(VENV)/.installed
 
@@ -16,3 +16,6 @@ repro: install
 
 test: install
 	pytest -q
+
+study: install
+	revision study
