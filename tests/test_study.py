@@ -51,6 +51,7 @@ def _experiment(name: str, garment: float, nll: float, error: str | None = None)
     realign = {"after": {"centroid_gap": 0.001}, "before": {"centroid_gap": 0.5}, "probe_class_name": {"text_aligned": 0.9, "text_raw": 0.6}}
     data = {
         "rev": name[:7],
+        "timestamp": "2026-11-22T10:00:00",
         "params": {"params.yaml": {"data": {"embed": {"stress_shift": 0.8 if "stress" in name else 0.0}}}},
         "metrics": {"reports/evaluate/metrics.json": {"data": metrics}, "reports/realign/metrics.json": {"data": realign}},
     }
@@ -72,6 +73,11 @@ def test_report_aggregates_seeds_and_says_what_is_within_noise():
     experiments += [_experiment(f"study-anchor-s{s}", g, 1.0) for s, g in enumerate([0.59, 0.62, 0.65])]
     experiments += [_experiment("study-stress-raw-s0", 0.1, 3.0), _experiment("study-c3-s9", 0.9, 0.1, error="failed")]
     experiments.append(_experiment("my-own-exp", 0.99, 0.1))
+    running = _experiment("study-paired-s0", 0.99, 0.1)
+    running["data"]["timestamp"] = None  # still running: DVC shows it without a timestamp
+    queued = _experiment("study-none-s0", 0.99, 0.1)
+    del queued["data"]["metrics"]["reports/evaluate/metrics.json"]
+    experiments += [running, queued]
     results = study_results(_exp_show(experiments))
     assert sorted((r.stress, r.condition, r.seed) for r in results)[:2] == [(False, "anchor", 0), (False, "anchor", 1)]
     assert all(r.condition != "c3" for r in results) and len(results) == 10  # failed and foreign experiments left out

@@ -51,6 +51,7 @@ GAP = {  # column -> (section of reports/realign/metrics.json, key) for the alig
     "probe_acc": ("probe_class_name", "text_aligned"),
 }
 HEADLINE = (("pretrain", "garment_acc"), ("pretrain", "caption_nll"), ("finetune", "garment_acc"), ("finetune", "cider"))
+EVALUATION = "reports/evaluate/metrics.json"
 NAME = re.compile(r"^study-(?:(?P<stress>stress)-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
 
 
@@ -105,16 +106,18 @@ class Result:
 
 
 def study_results(exp_show: list) -> list[Result]:
-    """Every finished study experiment in ``dvc exp show --json --all-commits`` output; where a name was run
-    on several baseline commits, the newest run counts."""
-    results, newest = [], {}
+    """Every finished study experiment in ``dvc exp show --json --all-commits`` output (queued and running
+    ones have no timestamp or no evaluation yet); where a name ran on several baseline commits, the newest
+    run counts."""
+    newest: dict[str, tuple[re.Match, dict]] = {}
     for record in sorted(_records(exp_show), key=lambda r: str((r.get("data") or {}).get("timestamp") or "")):
-        newest[record.get("name")] = record
-    for record in newest.values():
         match = NAME.match(record.get("name") or "")
         data = record.get("data") or {}
-        if not match or record.get("error") or not data.get("metrics"):
-            continue
+        metrics = data.get("metrics") or {}
+        if match and not record.get("error") and data.get("timestamp") and EVALUATION in metrics:
+            newest[match.group(0)] = (match, data)
+    results = []
+    for match, data in newest.values():
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
         metrics = {path: (entry or {}).get("data", {}) for path, entry in data["metrics"].items()}
         results.append(Result(bool(match["stress"]), match["condition"], int(match["seed"]), params, metrics))
@@ -133,7 +136,7 @@ def _records(node) -> Iterable[dict]:
 
 
 def downstream(result: Result, checkpoint: str, metric: str) -> float | None:
-    value = result.metrics.get("reports/evaluate/metrics.json", {}).get(checkpoint, {}).get(metric)
+    value = result.metrics.get(EVALUATION, {}).get(checkpoint, {}).get(metric)
     return float(value) if isinstance(value, (int, float)) else None
 
 
