@@ -52,6 +52,9 @@ def _header(results: list[Result], groups: dict, run: dict | None) -> list[str]:
         lines.append(f"Grid wall time: {run['wall_s'] / 60:.1f} min for {run['experiments']} experiments "
                      f"({run['jobs']} at a time; dvc exit code {run['dvc_exit_code']}).")  # fmt: skip
         lines.append("")
+    finished = sorted(r.finished for r in results if r.finished)
+    if finished:
+        lines += [f"Experiments finished between {finished[0]} and {finished[-1]}.", ""]
     missing = [f"{'stress-' if s else ''}{c}" for (s, c), rs in groups.items() if len(rs) < len(seeds)]
     if missing:
         lines += [f"Conditions with fewer seeds than the others: {', '.join(sorted(missing))}.", ""]

@@ -28,7 +28,7 @@ CONDITIONS: dict[str, dict[str, object]] = {
     "anchor_trace": {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": False},
     "full": {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": True},
 }
-STRESS_CONDITIONS = ("raw", "anchor", "full")
+STRESS_CONDITIONS = ("raw", "full")
 LABELS = {
     "none": "no stage 1", "paired": "paired images (LLaVA-style)", "raw": "raw text (no alignment)",
     "mean_shift": "mean shift (Unicorn)", "c3": "C3", "anchor": "ReAlign anchor only",
@@ -103,6 +103,7 @@ class Result:
     seed: int
     params: dict
     metrics: dict  # metrics file -> its content
+    finished: str = ""  # the experiment commit's timestamp
 
 
 def study_results(exp_show: list) -> list[Result]:
@@ -120,7 +121,8 @@ def study_results(exp_show: list) -> list[Result]:
     for match, data in newest.values():
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
         metrics = {path: (entry or {}).get("data", {}) for path, entry in data["metrics"].items()}
-        results.append(Result(bool(match["stress"]), match["condition"], int(match["seed"]), params, metrics))
+        seed = int(match["seed"])
+        results.append(Result(bool(match["stress"]), match["condition"], seed, params, metrics, str(data["timestamp"])))
     return results
 
 
