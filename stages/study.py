@@ -13,7 +13,7 @@ import yaml
 
 from revision.errors import InputError
 from revision.outputs import write_json
-from revision.study import flatten, grid, queue_command
+from revision.study import CONDITIONS, STRESS_CONDITIONS, flatten, grid, queue_command
 
 NAME = "study"
 HELP = (
@@ -30,15 +30,24 @@ def main(
     seeds: int = typer.Option(3, min=1, help="seeds per condition (model, pretrain and finetune seed 0..N-1)"),
     stress_shift: float = typer.Option(0.8, min=0.0, help="embed.stress_shift of the stress world (0: no stress world)"),
     profile: Path = typer.Option(Path("profiles/study.yaml"), help="sizes every experiment runs with"),
+    conditions: str = typer.Option(",".join(CONDITIONS), help="conditions of the plain world, comma-separated"),
+    stress_conditions: str = typer.Option(",".join(STRESS_CONDITIONS), help="conditions of the stress world"),
     jobs: int = typer.Option(1, min=1, help="experiments run at once (each uses every core it can get)"),
     report_only: bool = typer.Option(False, help="only write the report from the experiments there are"),
     report: Path = typer.Option(Path("reports/ablation.md"), help="the generated report"),
+    results: Path = typer.Option(
+        Path("reports/study_results.json"), help="every study result so far (merged with `dvc exp show`; delete to start over)"
+    ),
     run_record: Path = typer.Option(Path("reports/study_run.json"), help="wall time and size of the last grid run"),
 ) -> None:
     if not report_only:
         if not profile.is_file():
             raise InputError(f"{profile}: no such study profile")
-        experiments = grid(range(seeds), flatten(yaml.safe_load(profile.read_text()) or {}), stress_shift)
+        sizes = flatten(yaml.safe_load(profile.read_text()) or {})
+        try:
+            experiments = grid(range(seeds), sizes, stress_shift, _names(conditions), _names(stress_conditions))
+        except ValueError as error:
+            raise InputError(str(error)) from error
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
         for experiment in experiments:
             subprocess.run(queue_command(experiment), check=True, stdout=subprocess.DEVNULL)
@@ -47,9 +56,14 @@ def main(
         finished = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)])
         wall = time.perf_counter() - start
         write_json(run_record, {"experiments": len(experiments), "seeds": seeds, "stress_shift": stress_shift,
+                                "conditions": _names(conditions), "stress_conditions": _names(stress_conditions),
                                 "jobs": jobs, "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode})  # fmt: skip
         typer.echo(f"study: the queue ran for {wall / 60:.1f} min (dvc exit code {finished.returncode})")
-    write_report(report, run_record)
+    write_report(report, run_record, results)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def tracking_uri() -> str:
@@ -60,16 +74,18 @@ def tracking_uri() -> str:
     return uri
 
 
-def write_report(report: Path, run_record: Path) -> None:
+def write_report(report: Path, run_record: Path, results_file: Path) -> None:
     from revision.ablation_report import render
     from revision.outputs import atomic_file
-    from revision.study import study_results
+    from revision.study import merge_results, results_from_record, results_record, study_results
 
     shown = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True, check=True)
-    results = study_results(json.loads(shown.stdout))
+    saved = results_from_record(json.loads(results_file.read_text())) if results_file.is_file() else []
+    results = merge_results(saved, study_results(json.loads(shown.stdout)))
     if not results:
-        raise InputError("no finished study experiments in `dvc exp show`; run `revision study` first")
+        raise InputError(f"no finished study experiments in `dvc exp show` or {results_file}; run `revision study` first")
     record = json.loads(run_record.read_text()) if run_record.is_file() else None
+    write_json(results_file, results_record(results))
     with atomic_file(report) as tmp:
         tmp.write_text(render(results, record))
-    typer.echo(f"study: wrote {report} from {len(results)} experiments")
+    typer.echo(f"study: wrote {report} and {results_file} from {len(results)} experiments ({len(saved)} saved before)")

@@ -16,12 +16,18 @@ from typer.testing import CliRunner
 from revision.embeddings import EmbeddingWriter
 from revision.errors import InputError
 from revision.evaluate import (
+    RANKED_PROBES,
     CaptionScorer,
+    EvalImage,
+    EvalSet,
     Question,
     answer_matches,
+    derangement,
     garment_named,
     normalize_answer,
     pope_metrics,
+    ranked_probe,
+    swapped_captions,
     vqa_accuracy,
     yes_no,
 )
@@ -116,6 +122,74 @@ def test_caption_metrics_rank_a_perfect_caption_above_a_wrong_one():
     assert good["bleu4"] == pytest.approx(1.0)
 
 
+# ---------------------------------------------------------------- grounding and ranked probes
+
+
+def test_swapped_captions_change_the_attribute_alone():
+    phrases = RANKED_PROBES["garment"][2]
+    candidates = swapped_captions("A photo of a dark knit pullover, filling the frame.", "pullover", phrases)
+    assert len(candidates) == len(phrases) == 10
+    assert candidates[list(phrases).index("coat")] == "A photo of a dark coat, filling the frame."
+    assert candidates[list(phrases).index("pullover")] == "A photo of a dark pullover, filling the frame."
+    assert candidates[list(phrases).index("trouser")] == "A photo of a dark pair of trousers, filling the frame."
+    colours = RANKED_PROBES["colour"][2]
+    swapped = swapped_captions("An orange disc.", "orange", {"orange": ["orange"], "red": ["red"]})
+    assert swapped == ["An orange disc.", "A red disc."]
+    by_colour = dict(zip(colours, swapped_captions("A small blue-green box on the left.", "teal", colours)))
+    assert by_colour["teal"] == "A small teal box on the left." and by_colour["red"] == "A small red box on the left."
+    shapes = dict(zip(RANKED_PROBES["shape"][2], swapped_captions("Three-sided shape, blue.", "triangle", RANKED_PROBES["shape"][2])))
+    assert shapes["circle"] == "Circle, blue."
+    assert swapped_captions("A photo of a dark coat.", "bag", phrases) is None
+
+
+def test_derangement_gives_every_caption_another_image():
+    for n in (2, 3, 40):
+        order = derangement(n, seed=0)
+        assert sorted(order) == list(range(n)) and all(i != j for i, j in enumerate(order))
+    assert derangement(40, seed=0) == derangement(40, seed=0) != derangement(40, seed=1)
+
+
+def test_answer_nll_sums_what_forward_averages(tiny_lm_dir):
+    lm, tokenizer = load_lm(tiny_lm_dir)
+    torch.manual_seed(0)
+    model = MLLM(lm, tokenizer, MLLMConfig(embed_dim=EMBED_DIM, visual_tokens=2, encoder=ENCODER)).eval()
+    conversations = [[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": text}]
+                     for text in ("A red circle.", "A large blue triangle on the left side.")]  # fmt: skip
+    vectors = torch.randn(2, EMBED_DIM)
+    sums, counts = model.answer_nll(vectors, conversations)
+    assert counts[1] > counts[0] > 0
+    with torch.no_grad():
+        mean = float(model(vectors, conversations))
+        alone = float(model(vectors[1:], conversations[1:]))
+    assert float(sums.sum() / counts.sum()) == pytest.approx(mean, rel=1e-5)
+    assert float(sums[1] / counts[1]) == pytest.approx(alone, rel=1e-5)
+
+
+class ReadsTheVector:
+    """Stands in for an MLLM: a caption is likely when it names the colour coded in the image vector."""
+
+    config = MLLMConfig(embed_dim=2, visual_tokens=1)
+    colours = ("red", "blue")
+
+    def answer_nll(self, vectors, conversations):
+        named = [self.colours[int(v[0] > 0)] for v in vectors]
+        sums = [0.0 if f" {colour} " in conv[1]["value"] else 5.0 for colour, conv in zip(named, conversations)]
+        return torch.tensor(sums), torch.ones(len(sums), dtype=torch.long)
+
+
+def test_ranked_probe_prefers_the_caption_the_model_finds_more_likely():
+    images = [EvalImage(f"e{i}", "easyvqa", [f"A small {c} circle."], {"colour": c, "shape": "circle"})
+              for i, c in enumerate(["red", "blue", "red"])]  # fmt: skip
+    images.append(EvalImage("f0", "fashion_mnist", ["A dark coat."], {"class_name": "coat"}))
+    vectors = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # the third reads "blue": wrong
+    metrics, picked = ranked_probe(ReadsTheVector(), EvalSet(images, vectors, []), "colour", batch_size=3)
+    assert picked[0] == "red" and picked[1] == "blue" and picked[2] != "red" and set(picked) == {0, 1, 2}
+    assert metrics["n_rank_colour"] == 3.0 and metrics["rank_colour_acc"] == pytest.approx(2 / 3)
+    assert metrics["rank_colour_margin"] in (pytest.approx(10 / 3), pytest.approx(5 / 3))  # 5, 5 and 0 or -5
+    assert ranked_probe(ReadsTheVector(), EvalSet(images[:3], vectors[:3], []), "garment", 3)[0] == {"n_rank_garment": 0.0}
+    assert ranked_probe(ReadsTheVector(), EvalSet(images, vectors, []), "colour", 3, seed=0)[1] == picked  # seeded
+
+
 # ---------------------------------------------------------------- the stage end to end
 
 
@@ -195,9 +269,15 @@ def test_evaluate_stage_scores_each_checkpoint(eval_inputs, tmp_path, monkeypatc
     expected = {
         "bleu4", "meteor", "rouge_l", "cider", "caption_nll", "vqa_acc", "pope_acc", "pope_precision",
         "pope_recall", "pope_f1", "pope_yes_ratio", "garment_acc", "n_images", "n_vqa", "n_pope",
+        "caption_nll_shuffled", "image_gain", "rank_garment_acc", "rank_colour_acc", "rank_shape_acc",
+        "rank_garment_margin", "rank_colour_margin", "rank_shape_margin",
     }  # fmt: skip
     for scores in metrics.values():
         assert expected <= set(scores)
+        assert scores["image_gain"] == pytest.approx(scores["caption_nll_shuffled"] - scores["caption_nll"])
+        assert scores["image_gain"] != 0  # a random projector still makes the image change the likelihood
+        ranked = scores["n_rank_garment"] + scores["n_rank_colour"]
+        assert scores["n_rank_colour"] == scores["n_rank_shape"] and 5 <= ranked <= 6  # all but the user image
         per_type = {key for key in scores if key.startswith("vqa_acc_")}
         assert per_type and per_type <= {f"vqa_acc_{t}" for t in ("colour", "shape", "yes_no", "garment")}
         assert scores["n_images"] == 6 and scores["caption_nll"] > 0 and 0 <= scores["pope_yes_ratio"] <= 1
@@ -211,6 +291,8 @@ def test_evaluate_stage_scores_each_checkpoint(eval_inputs, tmp_path, monkeypatc
         assert sorted({row["reference"] for row in pope}) == ["no", "yes"]
         assert all({"id", "prompt", "prediction", "correct"} <= set(row) for row in rows)
         assert all("references" in row for row in rows if row["kind"] == "caption")
+        ranked = [row for row in rows if "ranked_garment" in row or "ranked_colour" in row]
+        assert len(ranked) == metrics[name]["n_rank_garment"] + metrics[name]["n_rank_colour"]
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_encoder(eval_inputs, tiny_lm_dir, tmp_path, monkeypatch):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 
 import pytest
 
 from revision.ablation_report import render
-from revision.study import CONDITIONS, STRESS_CONDITIONS, grid, queue_command, study_results, summarize, within_noise
+from revision.study import (
+    CONDITIONS, STRESS_CONDITIONS, grid, merge_results, queue_command, results_from_record, results_record, study_results,
+    summarize, within_noise,
+)  # fmt: skip
 
 PROFILE = {"pretrain.max_samples": 256, "evaluate.max_images": 40}
 
@@ -47,7 +51,7 @@ def test_noise_rule_uses_two_standard_errors():
 
 
 def _experiment(name: str, garment: float, nll: float, error: str | None = None) -> dict:
-    metrics = {"pretrain": {"garment_acc": garment, "caption_nll": nll}, "finetune": {"garment_acc": garment + 0.1, "cider": 1.0}}
+    metrics = {"pretrain": {"rank_garment_acc": garment, "caption_nll": nll}, "finetune": {"rank_garment_acc": garment + 0.1, "cider": 1.0}}
     realign = {"after": {"centroid_gap": 0.001}, "before": {"centroid_gap": 0.5}, "probe_class_name": {"text_aligned": 0.9, "text_raw": 0.6}}
     data = {
         "rev": name[:7],
@@ -83,10 +87,12 @@ def test_report_aggregates_seeds_and_says_what_is_within_noise():
     assert all(r.condition != "c3" for r in results) and len(results) == 10  # failed and foreign experiments left out
     report = render(results, {"wall_s": 600.0, "experiments": 10, "jobs": 1, "dvc_exit_code": 0})
     mean, sd = statistics.fmean([0.60, 0.62, 0.64]), statistics.stdev([0.60, 0.62, 0.64])
-    assert f"| ReAlign full (ReVision) | {mean:.3f} ± {sd:.3f} |" in report.replace("| 3 | 50.16 | 0.001 ± 0.000 | — | — | — | 0.900 ± 0.000 ", "")
-    assert "raw text (no alignment): pretrain garment_acc -0.210 (above noise)" in report
-    assert re.search(r"ReAlign anchor only: pretrain garment_acc [+-]0\.000 \(within noise\)", report)
-    assert "pretrain caption_nll -0.500 (above noise)" in report  # lower NLL is better: raw is worse
+    # caption_nll, image_gain (not in these metrics), rank_garment_acc
+    assert f"| ReAlign full (ReVision) | 1.000 ± 0.000 | — | {mean:.3f} ± {sd:.3f} |" in report
+    raw = next(line for line in report.splitlines() if line.startswith("- raw text (no alignment): "))
+    assert "pretrain rank_garment_acc -0.210 (above noise)" in raw and "pretrain image_gain n/a" in raw
+    assert "pretrain caption_nll -0.500 (above noise)" in raw  # lower NLL is better: raw is worse
+    assert re.search(r"ReAlign anchor only: .*pretrain rank_garment_acc [+-]0\.000 \(within noise\)", report)
     assert "| raw text (no alignment) | 3 | 47.50 | 0.500 ± 0.000 |" in report  # raw text: the gap before alignment
     assert "Grid wall time: 10.0 min for 10 experiments" in report
     assert "embed.stress_shift = 0.8" in report
@@ -98,4 +104,23 @@ def test_a_study_run_again_on_a_newer_commit_replaces_the_older_run():
     old, new = _experiment("study-full-s0", 0.1, 2.0), _experiment("study-full-s0", 0.7, 1.0)
     old["data"]["timestamp"], new["data"]["timestamp"] = "2026-11-20T10:00:00", "2026-11-22T10:00:00"
     results = study_results(_exp_show([new]) + _exp_show([old]))
-    assert len(results) == 1 and results[0].metrics["reports/evaluate/metrics.json"]["pretrain"]["garment_acc"] == 0.7
+    assert len(results) == 1 and results[0].metrics["reports/evaluate/metrics.json"]["pretrain"]["rank_garment_acc"] == 0.7
+
+
+def test_saved_results_round_trip_and_newer_runs_replace_them():
+    saved = study_results(_exp_show([_experiment("study-full-s0", 0.1, 2.0), _experiment("study-raw-s0", 0.2, 2.0)]))
+    record = json.loads(json.dumps(results_record(saved)))  # what reports/study_results.json holds
+    assert results_from_record(record) == saved
+    newer = _experiment("study-full-s0", 0.7, 1.0)
+    newer["data"]["timestamp"] = "2026-12-01T10:00:00"
+    merged = merge_results(results_from_record(record), study_results(_exp_show([newer, _experiment("study-c3-s1", 0.3, 1.5)])))
+    garment = {(r.condition, r.seed): r.metrics["reports/evaluate/metrics.json"]["pretrain"]["rank_garment_acc"] for r in merged}
+    assert garment == {("full", 0): 0.7, ("raw", 0): 0.2, ("c3", 1): 0.3}
+
+
+def test_grid_runs_the_chosen_conditions_and_refuses_unknown_ones():
+    experiments = grid(range(3), PROFILE, 0.8, conditions=["full"], stress_conditions=["raw", "anchor"])
+    assert sorted(e.name for e in experiments if e.name.endswith("-s0")) == [
+        "study-full-s0", "study-stress-anchor-s0", "study-stress-raw-s0"]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown study conditions \\['ful'\\]"):
+        grid(range(1), PROFILE, 0.8, conditions=["ful"])

@@ -40,9 +40,12 @@ def _header(results: list[Result], groups: dict, run: dict | None) -> list[str]:
         "Gap columns describe the text stage 1 trained on, against the image embeddings: centroid gap, trace ratio "
         "and kNN modality mixing on the unpaired corpus, text→image R@1 on the paired eval captions, and the class "
         "accuracy on eval *images* of a linear probe trained on that text (reports/realign/metrics.json).",
-        "Downstream: Fashion-MNIST class named in the generated caption (garment_acc), per-token NLL of the "
-        "reference caption (caption_nll, lower is better), CIDEr and BLEU-4 of the caption, POPE F1 and VQA exact "
-        "match (reports/evaluate/metrics.json).",
+        "Downstream (reports/evaluate/metrics.json): per-token NLL of the reference caption given its image "
+        "(caption_nll, lower is better); image_gain, how much lower that NLL is than with another eval image in its "
+        "place (nats/token: what the model reads from the image; 0 = it ignores it); the ranked probes, the share of "
+        "images for which the reference caption with the true garment class (of 10), colour (of 8) or shape (of 3) "
+        "is more likely than with any other (rank_*_acc; chance 0.10, 0.125, 0.33); the garment class named in the "
+        "generated caption (garment_acc), its CIDEr, POPE F1 and VQA exact match.",
         "",
         "The paper's numbers (11-benchmark averages after both stages, 2M-text scale) are quoted for the ordering "
         "they claim, not for their scale: " + PAPER_TEXT,

@@ -8,7 +8,12 @@ exactly the same prompts about the same images. Generation is greedy through ``M
 - VQA: exact match after normalization, overall and per question type;
 - POPE: "Is there a {shape} in the image?" for the true shape and one other shape of each easy-VQA image;
 - garment accuracy: the Fashion-MNIST class a generated caption names;
-- caption NLL: mean per-token negative log-likelihood of each image's first reference caption.
+- caption NLL: mean per-token negative log-likelihood of each image's first reference caption, and the same
+  with every caption paired with another eval image (``image_gain`` is the difference: what the image is worth);
+- ranked probes: each image's first reference caption with its garment class, colour or shape against the
+  same caption naming a seeded other one; the model "answers" with the more likely of the two (``rank_*_acc``,
+  chance 0.5, and the mean NLL margin ``rank_*_margin``), so an attribute the model reads from the image
+  counts even before it is fluent enough to generate it.
 """
 
 from __future__ import annotations
@@ -24,16 +29,22 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from revision.captions import GARMENT_WORDS
+from revision.captions import COLOUR_WORDS, GARMENT_WORDS, SHAPE_WORDS
 from revision.config import EvaluateConfig
 from revision.embeddings import EmbeddingSet
 from revision.errors import InputError
-from revision.mllm import CONFIG_FILE, IGNORE_INDEX, MLLM
+from revision.mllm import CONFIG_FILE, MLLM
 from revision.samples import vectors_by_id, subsample
-from revision.sources import EASYVQA_SHAPES
+from revision.sources import EASYVQA_COLOURS, EASYVQA_SHAPES
 
 CAPTION_METRICS = ("bleu4", "meteor", "rouge_l", "cider")
 POPE_QUESTION = "Is there a {shape} in the image?"
+# probe -> (source, attribute, the phrases naming each value: the first is the one candidates use)
+RANKED_PROBES = {
+    "garment": ("fashion_mnist", "class_name", GARMENT_WORDS),
+    "colour": ("easyvqa", "colour", {c: COLOUR_WORDS.get(c, [c]) for c in sorted(EASYVQA_COLOURS)}),
+    "shape": ("easyvqa", "shape", SHAPE_WORDS),
+}
 
 
 @dataclass(frozen=True)
@@ -294,24 +305,92 @@ def generate_all(
     return outputs
 
 
-@torch.no_grad()
-def caption_nll(model: MLLM, vectors: torch.Tensor, references: Sequence[str], batch_size: int) -> float:
-    """Mean per-token NLL of ``references`` (answer tokens, end-of-turn marker included) after the caption
-    prompt, teacher-forced; tokens are weighted equally across batches."""
+def caption_nlls(
+    model: MLLM, vectors: torch.Tensor, captions: Sequence[str], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of each caption (answer tokens, end-of-turn marker included) after the caption prompt,
+    teacher-forced on its own embedding, and its token count."""
     prompt = f"{model.config.image_token}\n{model.config.caption_prompt}"
-    total, tokens = 0.0, 0
-    for start in range(0, len(references), batch_size):
-        batch_vectors = vectors[start : start + batch_size]
+    sums, counts = [], []
+    for start in range(0, len(captions), batch_size):
         conversations = [
-            [{"from": "human", "value": prompt}, {"from": "gpt", "value": reference}]
-            for reference in references[start : start + batch_size]
+            [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]
+            for caption in captions[start : start + batch_size]
         ]
-        # forward() averages over the batch's answer tokens; weight it by their count.
-        count = int((model.build_inputs(batch_vectors, conversations).labels != IGNORE_INDEX).sum())
-        if count:
-            total += float(model(batch_vectors, conversations)) * count
-            tokens += count
-    return total / tokens if tokens else float("nan")
+        batch_sums, batch_counts = model.answer_nll(vectors[start : start + batch_size], conversations)
+        sums.append(batch_sums)
+        counts.append(batch_counts)
+    return torch.cat(sums), torch.cat(counts)
+
+
+def caption_nll(model: MLLM, vectors: torch.Tensor, references: Sequence[str], batch_size: int) -> float:
+    """Mean per-token NLL of ``references``, every token weighted equally."""
+    sums, counts = caption_nlls(model, vectors, references, batch_size)
+    return float(sums.sum() / counts.sum()) if int(counts.sum()) else float("nan")
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A seeded permutation that moves every index (identity for n < 2): each caption gets another image."""
+    order = list(range(n))
+    random.Random(f"{seed}-shuffle").shuffle(order)
+    partner = {order[i]: order[(i + 1) % n] for i in range(n)}
+    return [partner[i] for i in range(n)]
+
+
+# ---------------------------------------------------------------- ranked probes
+
+
+def swapped_captions(caption: str, value: str, phrases: dict[str, list[str]]) -> list[str] | None:
+    """``caption`` with the phrase naming ``value`` replaced by the first phrase of each value (in the order of
+    ``phrases``): candidates that differ in that attribute alone. None when no phrase of ``value`` is in it."""
+    for phrase in sorted(phrases.get(value, []), key=len, reverse=True):
+        found = re.search(rf"\b{re.escape(phrase)}\b", caption, flags=re.IGNORECASE)
+        if found:
+            head, tail = caption[: found.start()], caption[found.end() :]
+            capital = found.group(0)[0].isupper()
+            return [_fix_articles(head + _capitalized(words[0], capital) + tail) for words in phrases.values()]
+    return None
+
+
+def _capitalized(text: str, capital: bool) -> str:
+    return text[0].upper() + text[1:] if capital else text
+
+
+def _fix_articles(text: str) -> str:
+    """"a"/"an" chosen by the next word's first letter ("an red" -> "a red", "a orange" -> "an orange")."""
+    return re.sub(r"\b([Aa])n? (?=(\w))", lambda m: m.group(1) + ("n " if m.group(2) in "aeiouAEIOU" else " "), text)
+
+
+def ranked_probe(
+    model: MLLM, eval_set: EvalSet, probe: str, batch_size: int, seed: int = 0
+) -> tuple[dict[str, float], dict[int, str]]:
+    """Two-way choice per eligible image: its reference caption with the true value against the same caption
+    with one seeded other value (chance 0.5; two candidates over many images say more, for the same compute,
+    than all values over few). Returns the share where the true one has the lower summed NLL given the
+    image, its mean NLL margin, and the value picked per image index."""
+    source, attribute, phrases = RANKED_PROBES[probe]
+    values = list(phrases)
+    rng = random.Random(f"{seed}-rank-{probe}")
+    pairs: list[tuple[int, str, str]] = []  # (image index, true value, other value)
+    captions: list[str] = []
+    for index, image in enumerate(eval_set.images):
+        truth = image.attrs.get(attribute)
+        candidates = swapped_captions(image.captions[0], truth, phrases) if image.source == source else None
+        if candidates is None:
+            continue  # another source, or a caption that does not name the attribute (counted in n_rank_*)
+        other = rng.choice([v for v in values if v != truth])
+        pairs.append((index, truth, other))
+        captions += [candidates[values.index(truth)], candidates[values.index(other)]]
+    metrics = {f"n_rank_{probe}": float(len(pairs))}
+    if not pairs:
+        return metrics, {}
+    vectors = eval_set.vectors[[index for index, _, _ in pairs for _ in range(2)]]
+    sums, _ = caption_nlls(model, vectors, captions, batch_size)
+    margins = (sums[1::2] - sums[0::2]).tolist()  # other minus true: positive when the truth is preferred
+    picked = {index: truth if margin > 0 else other for (index, truth, other), margin in zip(pairs, margins)}
+    metrics[f"rank_{probe}_acc"] = _mean([margin > 0 for margin in margins])
+    metrics[f"rank_{probe}_margin"] = _mean(margins)
+    return metrics, picked
 
 
 def evaluate_model(
@@ -328,7 +407,7 @@ def evaluate_model(
     pope = [(q, a) for q, a in zip(questions, answers) if q.kind == "pope"]
     metrics = {
         **scorer.score({im.id: c for im, c in zip(images, captions)}, {im.id: im.captions for im in images}),
-        "caption_nll": caption_nll(model, vectors, [im.captions[0] for im in images], cfg.batch_size),
+        **grounding(model, eval_set, cfg),
         **vqa_accuracy([q for q, _ in vqa], [a for _, a in vqa]),
         **pope_metrics([yes_no(a) for _, a in pope], [q.answer for q, _ in pope]),
         **garment_accuracy(images, captions),
@@ -336,15 +415,31 @@ def evaluate_model(
         "n_vqa": float(len(vqa)),
         "n_pope": float(len(pope)),
     }
-    rows = caption_rows(images, captions, model.config.caption_prompt) + question_rows(images, questions, answers)
-    return metrics, rows
+    picks = {}
+    for probe in RANKED_PROBES:
+        probe_metrics, picks[probe] = ranked_probe(model, eval_set, probe, cfg.batch_size, cfg.seed)
+        metrics.update(probe_metrics)
+    rows = caption_rows(images, captions, model.config.caption_prompt, picks)
+    return metrics, rows + question_rows(images, questions, answers)
 
 
-def caption_rows(images: Sequence[EvalImage], captions: Sequence[str], prompt: str) -> list[dict]:
+def grounding(model: MLLM, eval_set: EvalSet, cfg: EvaluateConfig) -> dict[str, float]:
+    """Reference-caption NLL given the true image and given another image, and the gap between them."""
+    references = [image.captions[0] for image in eval_set.images]
+    matched = caption_nll(model, eval_set.vectors, references, cfg.batch_size)
+    others = eval_set.vectors[derangement(len(references), cfg.seed)]
+    shuffled = caption_nll(model, others, references, cfg.batch_size)
+    return {"caption_nll": matched, "caption_nll_shuffled": shuffled, "image_gain": shuffled - matched}
+
+
+def caption_rows(
+    images: Sequence[EvalImage], captions: Sequence[str], prompt: str, picks: dict[str, dict[int, str]]
+) -> list[dict]:
     rows = []
-    for image, caption in zip(images, captions):
+    for index, (image, caption) in enumerate(zip(images, captions)):
         row = {"id": image.id, "kind": "caption", "prompt": prompt, "prediction": caption,
                "references": image.captions, "correct": None}  # fmt: skip
+        row.update({f"ranked_{probe}": chosen[index] for probe, chosen in picks.items() if index in chosen})
         if image.source == "fashion_mnist":
             named = garment_named(caption)
             row.update(garment=named, correct=named == image.attrs.get("class_name"))

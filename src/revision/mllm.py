@@ -110,6 +110,16 @@ class MLLM(nn.Module):
         batch = self.build_inputs(embeddings, conversations)
         return self._lm_forward(batch).logits
 
+    @torch.no_grad()
+    def answer_nll(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per conversation: the summed NLL of its answer tokens and how many there are (CPU tensors)."""
+        batch = self.build_inputs(embeddings, conversations)
+        logits = self._lm_forward(batch).logits[:, :-1].float()
+        labels = batch.labels[:, 1:].to(logits.device)
+        answer = labels != IGNORE_INDEX
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        return (nll * answer).sum(dim=1).cpu(), answer.sum(dim=1).cpu()
+
     def build_inputs(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> MLLMBatch:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(conversations):
             shape = tuple(embeddings.shape)

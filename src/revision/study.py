@@ -3,7 +3,8 @@
 Every experiment is the pipeline with the study profile's sizes, one condition (how stage 1 gets its inputs)
 and one seed (model, pretrain and finetune seeds together). The stress world repeats the alignment
 conditions with ``embed.stress_shift`` on (``revision.stress``). The report reads what ``dvc exp show --json``
-returns, so every number in it comes from an experiment that DVC can show and reproduce.
+returns, so every number in it comes from an experiment that DVC can show and reproduce; the results are also
+kept in reports/study_results.json, so a clone without the experiment refs still has (and can re-render) them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 ALIGNED = {"pretrain.source": "aligned", "realign.method": "realign"}
@@ -28,7 +29,7 @@ CONDITIONS: dict[str, dict[str, object]] = {
     "anchor_trace": {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": False},
     "full": {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": True},
 }
-STRESS_CONDITIONS = ("raw", "full")
+STRESS_CONDITIONS = ("raw", "anchor", "anchor_trace", "full")
 LABELS = {
     "none": "no stage 1", "paired": "paired images (LLaVA-style)", "raw": "raw text (no alignment)",
     "mean_shift": "mean shift (Unicorn)", "c3": "C3", "anchor": "ReAlign anchor only",
@@ -41,7 +42,8 @@ TABLES = {
     "ReAlign step ablation (cf. Table 5)": ("raw", "anchor", "anchor_trace", "full"),
     "What stage 1 trains on (cf. Tables 2 and 6)": ("none", "paired", "raw", "full"),
 }
-DOWNSTREAM = ("garment_acc", "caption_nll", "cider", "bleu4", "pope_f1", "vqa_acc")
+DOWNSTREAM = ("caption_nll", "image_gain", "rank_garment_acc", "rank_colour_acc", "rank_shape_acc", "garment_acc",
+              "cider", "pope_f1", "vqa_acc")  # fmt: skip
 LOWER_IS_BETTER = {"caption_nll", "centroid_gap"}
 GAP = {  # column -> (section of reports/realign/metrics.json, key) for the aligned text
     "centroid_gap": ("after", "centroid_gap"),
@@ -50,7 +52,8 @@ GAP = {  # column -> (section of reports/realign/metrics.json, key) for the alig
     "t2i_r1": ("eval_after", "t2i_r1"),
     "probe_acc": ("probe_class_name", "text_aligned"),
 }
-HEADLINE = (("pretrain", "garment_acc"), ("pretrain", "caption_nll"), ("finetune", "garment_acc"), ("finetune", "cider"))
+HEADLINE = (("pretrain", "caption_nll"), ("pretrain", "image_gain"), ("pretrain", "rank_garment_acc"),
+            ("finetune", "caption_nll"), ("finetune", "image_gain"), ("finetune", "rank_garment_acc"))  # fmt: skip
 EVALUATION = "reports/evaluate/metrics.json"
 NAME = re.compile(r"^study-(?:(?P<stress>stress)-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
 
@@ -61,9 +64,18 @@ class Experiment:
     overrides: dict[str, object]
 
 
-def grid(seeds: Sequence[int], profile: dict[str, object], stress_shift: float) -> list[Experiment]:
+def grid(
+    seeds: Sequence[int],
+    profile: dict[str, object],
+    stress_shift: float,
+    conditions: Sequence[str] = tuple(CONDITIONS),
+    stress_conditions: Sequence[str] = STRESS_CONDITIONS,
+) -> list[Experiment]:
     """Seed-major, so a grid stopped early still has whole seeds of every condition."""
-    worlds = [("", 0.0, tuple(CONDITIONS))] + ([("stress-", stress_shift, STRESS_CONDITIONS)] if stress_shift else [])
+    unknown = sorted((set(conditions) | set(stress_conditions)) - set(CONDITIONS))
+    if unknown:
+        raise ValueError(f"unknown study conditions {unknown}; known: {', '.join(CONDITIONS)}")
+    worlds = [("", 0.0, tuple(conditions))] + ([("stress-", stress_shift, tuple(stress_conditions))] if stress_shift else [])
     experiments = []
     for seed in seeds:
         for prefix, shift, conditions in worlds:
@@ -124,6 +136,23 @@ def study_results(exp_show: list) -> list[Result]:
         seed = int(match["seed"])
         results.append(Result(bool(match["stress"]), match["condition"], seed, params, metrics, str(data["timestamp"])))
     return results
+
+
+def merge_results(saved: Iterable[Result], shown: Iterable[Result]) -> list[Result]:
+    """One result per experiment name, the newest finished run winning (saved records are the experiments of
+    earlier sessions, which a fresh clone's ``dvc exp show`` no longer lists)."""
+    newest: dict[tuple, Result] = {}
+    for result in sorted([*saved, *shown], key=lambda r: r.finished):
+        newest[(result.stress, result.condition, result.seed)] = result
+    return sorted(newest.values(), key=lambda r: (r.stress, r.condition, r.seed))
+
+
+def results_record(results: Iterable[Result]) -> dict:
+    return {"experiments": [asdict(result) for result in results]}
+
+
+def results_from_record(record: dict) -> list[Result]:
+    return [Result(**entry) for entry in record.get("experiments", [])]
 
 
 def _records(node) -> Iterable[dict]:
