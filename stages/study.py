@@ -38,7 +38,7 @@ def main(
     results: Path = typer.Option(
         Path("reports/study_results.json"), help="every study result so far (merged with `dvc exp show`; delete to start over)"
     ),
-    run_record: Path = typer.Option(Path("reports/study_run.json"), help="wall time and size of the last grid run"),
+    run_record: Path = typer.Option(Path("reports/study_run.json"), help="wall time and size of every grid run"),
 ) -> None:
     if not report_only:
         if not profile.is_file():
@@ -52,14 +52,24 @@ def main(
         for experiment in experiments:
             subprocess.run(queue_command(experiment), check=True, stdout=subprocess.DEVNULL)
         typer.echo(f"study: queued {len(experiments)} experiments; running them one after another")
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S")
         finished = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)])
         wall = time.perf_counter() - start
-        write_json(run_record, {"experiments": len(experiments), "seeds": seeds, "stress_shift": stress_shift,
-                                "conditions": _names(conditions), "stress_conditions": _names(stress_conditions),
-                                "jobs": jobs, "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode})  # fmt: skip
+        runs = read_runs(run_record) + [{
+            "started": started, "experiments": len(experiments), "seeds": seeds, "stress_shift": stress_shift,
+            "conditions": _names(conditions), "stress_conditions": _names(stress_conditions), "jobs": jobs,
+            "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode,
+        }]  # fmt: skip
+        write_json(run_record, {"runs": runs})
         typer.echo(f"study: the queue ran for {wall / 60:.1f} min (dvc exit code {finished.returncode})")
     write_report(report, run_record, results)
+
+
+def read_runs(run_record: Path) -> list[dict]:
+    if not run_record.is_file():
+        return []
+    record = json.loads(run_record.read_text())
+    return record["runs"] if "runs" in record else [record]  # one run, as an older version recorded it
 
 
 def _names(text: str) -> list[str]:
@@ -84,8 +94,7 @@ def write_report(report: Path, run_record: Path, results_file: Path) -> None:
     results = merge_results(saved, study_results(json.loads(shown.stdout)))
     if not results:
         raise InputError(f"no finished study experiments in `dvc exp show` or {results_file}; run `revision study` first")
-    record = json.loads(run_record.read_text()) if run_record.is_file() else None
     write_json(results_file, results_record(results))
     with atomic_file(report) as tmp:
-        tmp.write_text(render(results, record))
+        tmp.write_text(render(results, read_runs(run_record)))
     typer.echo(f"study: wrote {report} and {results_file} from {len(results)} experiments ({len(saved)} saved before)")

@@ -85,7 +85,10 @@ def test_report_aggregates_seeds_and_says_what_is_within_noise():
     results = study_results(_exp_show(experiments))
     assert sorted((r.stress, r.condition, r.seed) for r in results)[:2] == [(False, "anchor", 0), (False, "anchor", 1)]
     assert all(r.condition != "c3" for r in results) and len(results) == 10  # failed and foreign experiments left out
-    report = render(results, {"wall_s": 600.0, "experiments": 10, "jobs": 1, "dvc_exit_code": 0})
+    runs = [{"wall_s": 600.0, "experiments": 10, "jobs": 1, "dvc_exit_code": 0},
+            {"started": "2026-12-01T19:35:00", "wall_s": 120.0, "experiments": 3, "jobs": 2, "dvc_exit_code": 0,
+             "conditions": ["full"], "stress_conditions": ["raw", "anchor"], "stress_shift": 0.8}]  # fmt: skip
+    report = render(results, runs)
     mean, sd = statistics.fmean([0.60, 0.62, 0.64]), statistics.stdev([0.60, 0.62, 0.64])
     # caption_nll, image_gain (not in these metrics), rank_garment_acc
     assert f"| ReAlign full (ReVision) | 1.000 ± 0.000 | — | {mean:.3f} ± {sd:.3f} |" in report
@@ -94,7 +97,8 @@ def test_report_aggregates_seeds_and_says_what_is_within_noise():
     assert "pretrain caption_nll -0.500 (above noise)" in raw  # lower NLL is better: raw is worse
     assert re.search(r"ReAlign anchor only: .*pretrain rank_garment_acc [+-]0\.000 \(within noise\)", report)
     assert "| raw text (no alignment) | 3 | 47.50 | 0.500 ± 0.000 |" in report  # raw text: the gap before alignment
-    assert "Grid wall time: 10.0 min for 10 experiments" in report
+    assert "Grid run: 10 experiments in 10.0 min, 1 at a time" in report
+    assert "Grid run started 2026-12-01T19:35:00: 3 experiments (plain: full, stress: raw/anchor) in 2.0 min" in report
     assert "embed.stress_shift = 0.8" in report
     with pytest.raises(StopIteration):
         next(line for line in report.splitlines() if "0.99" in line)

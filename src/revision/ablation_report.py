@@ -14,11 +14,11 @@ PAPER_TEXT = ("no alignment 47.50, C3 48.06, anchor only 46.68, anchor + trace 4
 CHECKPOINTS = {"pretrain": "after stage 1 only (zero-shot: no paired image seen)", "finetune": "after stage 2"}
 
 
-def render(results: list[Result], run: dict | None) -> str:
+def render(results: list[Result], runs: list[dict]) -> str:
     groups: dict[tuple[bool, str], list[Result]] = defaultdict(list)
     for result in results:
         groups[(result.stress, result.condition)].append(result)
-    lines = _header(results, groups, run)
+    lines = _header(results, groups, runs)
     for title, conditions in TABLES.items():
         lines += _section(title, [(False, c) for c in conditions], groups, "full")
     stressed = [(True, c) for c in STRESS_CONDITIONS]
@@ -27,7 +27,7 @@ def render(results: list[Result], run: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _header(results: list[Result], groups: dict, run: dict | None) -> list[str]:
+def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
     seeds = sorted({r.seed for r in results})
     lines = [
         "# Ablation study",
@@ -51,9 +51,15 @@ def _header(results: list[Result], groups: dict, run: dict | None) -> list[str]:
         "they claim, not for their scale: " + PAPER_TEXT,
         "",
     ]
-    if run:
-        lines.append(f"Grid wall time: {run['wall_s'] / 60:.1f} min for {run['experiments']} experiments "
-                     f"({run['jobs']} at a time; dvc exit code {run['dvc_exit_code']}).")  # fmt: skip
+    for run in runs:
+        what = ", ".join(filter(None, [
+            "plain: " + "/".join(run["conditions"]) if run.get("conditions") else "",
+            "stress: " + "/".join(run["stress_conditions"]) if run.get("stress_conditions") and run.get("stress_shift") else "",
+        ]))  # fmt: skip
+        lines.append(f"Grid run{' started ' + run['started'] if run.get('started') else ''}: {run['experiments']} "
+                     f"experiments{' (' + what + ')' if what else ''} in {run['wall_s'] / 60:.1f} min, {run['jobs']} at "
+                     f"a time; dvc exit code {run['dvc_exit_code']}.")  # fmt: skip
+    if runs:
         lines.append("")
     finished = sorted(r.finished for r in results if r.finished)
     if finished:
