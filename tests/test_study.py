@@ -128,3 +128,14 @@ def test_grid_runs_the_chosen_conditions_and_refuses_unknown_ones():
         "study-full-s0", "study-stress-anchor-s0", "study-stress-raw-s0"]  # fmt: skip
     with pytest.raises(ValueError, match="unknown study conditions \\['ful'\\]"):
         grid(range(1), PROFILE, 0.8, conditions=["ful"])
+
+
+def test_run_record_keeps_every_grid_run(tmp_path):
+    from stages.study import read_runs
+
+    record = tmp_path / "study_run.json"
+    assert read_runs(record) == []
+    record.write_text(json.dumps({"experiments": 30, "wall_s": 5400.0}))  # one run, as older versions wrote it
+    assert read_runs(record) == [{"experiments": 30, "wall_s": 5400.0}]
+    record.write_text(json.dumps({"runs": [{"experiments": 30}, {"experiments": 15}]}))
+    assert [run["experiments"] for run in read_runs(record)] == [30, 15]
