@@ -139,3 +139,9 @@ def test_run_record_keeps_every_grid_run(tmp_path):
     assert read_runs(record) == [{"experiments": 30, "wall_s": 5400.0}]
     record.write_text(json.dumps({"runs": [{"experiments": 30}, {"experiments": 15}]}))
     assert [run["experiments"] for run in read_runs(record)] == [30, 15]
+
+
+def test_tables_with_the_same_rows_are_shown_once():
+    results = study_results(_exp_show([_experiment(f"study-full-s{s}", 0.5, 1.0) for s in range(2)]))
+    report = render(results, [])
+    assert report.count("| ReAlign full (ReVision) | 2 | 50.16 |") == 1
