@@ -21,7 +21,9 @@ HELP = (
     "Score MLLM checkpoints (by default stage 1 alone, i.e. zero-shot on images, and after stage 2) on the "
     "held-out eval images: a generated caption per image against the references (BLEU-4, METEOR, ROUGE-L, "
     "CIDEr) and their per-token NLL, VQA exact match per question type, POPE shape-existence probes on "
-    "easy-VQA and the Fashion-MNIST class the caption names. Writes metrics per checkpoint and one JSONL of "
+    "easy-VQA, the Fashion-MNIST class the caption names, and what the model reads from the image: image_gain "
+    "(caption NLL with another image minus with its own) and two-way ranked probes (the reference caption vs the "
+    "same caption with its garment, colour or shape swapped). Writes metrics per checkpoint and one JSONL of "
     "predictions per checkpoint.\n\nParams read (params.yaml):\n\n" + describe(EvaluateConfig, "evaluate")
 )
 SUMMARY_COLUMNS = ("cider", "bleu4", "meteor", "rouge_l", "caption_nll", "vqa_acc", "pope_f1", "garment_acc")

@@ -44,8 +44,9 @@ def main(
         if not profile.is_file():
             raise InputError(f"{profile}: no such study profile")
         sizes = flatten(yaml.safe_load(profile.read_text()) or {})
+        plain, stressed = _names(conditions), _names(stress_conditions)
         try:
-            experiments = grid(range(seeds), sizes, stress_shift, _names(conditions), _names(stress_conditions))
+            experiments = grid(range(seeds), sizes, stress_shift, plain, stressed)
         except ValueError as error:
             raise InputError(str(error)) from error
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
@@ -57,7 +58,7 @@ def main(
         wall = time.perf_counter() - start
         runs = read_runs(run_record) + [{
             "started": started, "experiments": len(experiments), "seeds": seeds, "stress_shift": stress_shift,
-            "conditions": _names(conditions), "stress_conditions": _names(stress_conditions), "jobs": jobs,
+            "conditions": plain, "stress_conditions": stressed, "jobs": jobs,
             "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode,
         }]  # fmt: skip
         write_json(run_record, {"runs": runs})

@@ -161,7 +161,7 @@ class FinetuneConfig(TrainConfig):
 
 
 class EvaluateConfig(Strict):
-    seed: int = Field(0, description="seeds the eval subsample and the POPE negatives")
+    seed: int = Field(0, description="seeds the eval subsample, the POPE negatives, the shuffled images and the ranked probes' other values")
     max_images: int | None = Field(200, ge=1, description="eval images scored (seeded choice; null: all)")
     max_questions: int = Field(3, ge=0, description="questions asked per image (seeded choice of its QAs)")
     batch_size: int = Field(16, ge=1, description="prompts generated together")
