@@ -11,7 +11,7 @@ import pytest
 from revision.ablation_report import render
 from revision.study import (
     CONDITIONS, STRESS_CONDITIONS, grid, merge_results, queue_command, results_from_record, results_record, study_results,
-    summarize, within_noise,
+    resolution, summarize, within_noise,
 )  # fmt: skip
 
 PROFILE = {"pretrain.max_samples": 256, "evaluate.max_images": 40}
@@ -145,3 +145,20 @@ def test_tables_with_the_same_rows_are_shown_once():
     results = study_results(_exp_show([_experiment(f"study-full-s{s}", 0.5, 1.0) for s in range(2)]))
     report = render(results, [])
     assert report.count("| ReAlign full (ReVision) | 2 | 50.16 |") == 1
+
+
+def test_a_one_image_rank_difference_is_within_noise_even_when_seeds_agree():
+    """Seeds that agree exactly have sd 0; a difference of one image of 17 is still not a finding."""
+    a, b = summarize([10 / 17] * 3), summarize([11 / 17] * 3)
+    assert within_noise(a, b) is False
+    assert within_noise(a, b, resolution=1 / 17)
+    assert within_noise(a, summarize([12 / 17] * 3), resolution=1 / 17) is False
+
+
+def test_resolution_is_one_image_of_the_fewest_counted():
+    results = study_results(_exp_show([_experiment(f"study-full-s{s}", 0.5, 1.0) for s in range(2)]))
+    for result, n in zip(results, (17.0, 23.0)):
+        result.metrics["reports/evaluate/metrics.json"]["pretrain"]["n_rank_garment"] = n
+    assert resolution(results, "pretrain", "rank_garment_acc") == 1 / 17
+    assert resolution(results, "pretrain", "caption_nll") == 0.0
+    assert resolution(results, "finetune", "rank_garment_acc") == 0.0  # no counts there: no floor
