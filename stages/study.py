@@ -58,7 +58,7 @@ def main(
         wall = time.perf_counter() - start
         runs = read_runs(run_record) + [{
             "started": started, "experiments": len(experiments), "seeds": seeds, "stress_shift": stress_shift,
-            "conditions": plain, "stress_conditions": stressed, "jobs": jobs,
+            "conditions": plain, "stress_conditions": stressed if stress_shift else [], "jobs": jobs,
             "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode,
         }]  # fmt: skip
         write_json(run_record, {"runs": runs})
