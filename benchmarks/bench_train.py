@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from revision.config import ModelConfig
-from revision.mllm import add_lora, freeze_lm
-from revision.recipes import new_mllm
-from revision.samples import EmbeddingConversations, collate
+from revision.config import load_stage_config
+from revision.mllm import add_lora, freeze_lm, new_mllm
 from revision.train import LoopConfig, epoch_order, train
+from revision.training_data import EmbeddingConversations, collate
 
 
 def conversations(prepared: Path, stage: int, n: int) -> list:
@@ -41,7 +40,7 @@ def conversations(prepared: Path, stage: int, n: int) -> list:
 
 
 def build(args, stage: int, visual_tokens: int):
-    cfg = ModelConfig(lm="bundled", visual_tokens=visual_tokens)
+    cfg = load_stage_config("model").model_copy(update={"lm": "bundled", "visual_tokens": visual_tokens})
     model = new_mllm(args.lm, cfg, {"id": "bench", "dim": args.embed_dim}, max_length=None)
     freeze_lm(model)
     if stage == 2:

@@ -18,12 +18,11 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from revision.config import ModelConfig
-from revision.embeddings import EmbeddingSet
-from revision.mllm import freeze_lm
-from revision.recipes import new_mllm
-from revision.samples import caption_samples, collate
+from revision.config import load_stage_config
+from revision.embedding_sets import EmbeddingSet
+from revision.mllm import freeze_lm, new_mllm
 from revision.train import LoopConfig, train
+from revision.training_data import caption_samples, collate
 
 
 @torch.no_grad()
@@ -44,13 +43,15 @@ def main() -> None:
     data = Path("data")
     text = caption_samples(EmbeddingSet(data / "realign" / "aligned_text"), pd.read_parquet(data / "prepared" / "text_corpus.parquet"),
                            "text", data / "prepared" / "text_corpus.parquet", args.samples, seed=0)  # fmt: skip
-    evals = pd.read_parquet(data / "prepared" / "eval.parquet").head(args.eval_images).assign(caption=lambda t: [c[0] for c in t["captions"]])
+    evals = pd.read_parquet(data / "prepared" / "eval.parquet").head(args.eval_images)
+    evals = evals.assign(caption=[c[0] for c in evals["captions"]])
     images = EmbeddingSet(data / "embeddings" / "eval_images")
     real = caption_samples(images, evals, "caption", data / "prepared" / "eval.parquet", None, seed=0)
     print(f"stage 1 on {len(text)} aligned-text samples, batch {args.batch_size}; zero-shot NLL on {len(real)} real eval images")
+    model_cfg = load_stage_config("model")
     for k in args.visual_tokens:
         torch.manual_seed(0)
-        model = freeze_lm(new_mllm(data / "lm", ModelConfig(visual_tokens=k), images.encoder, max_length=None))
+        model = freeze_lm(new_mllm(data / "lm", model_cfg.model_copy(update={"visual_tokens": k}), images.encoder, max_length=None))
         loop = LoopConfig(0, 1.0, args.batch_size, 1e-3, 0.0, 0.05, checkpoint_every=10**9)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()

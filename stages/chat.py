@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
+from revision import layout
+from revision.encoder_identity import require_same_encoder
 from revision.encoders import load_encoder
-from revision.errors import InputError
 from revision.images import read_image
 from revision.mllm import load_mllm
 
@@ -23,16 +24,13 @@ HELP = (
 def main(
     image: Path = typer.Option(..., help="any image file (PNG, JPEG, ...)"),
     question: Optional[str] = typer.Option(None, help="a question; omit it for a caption"),
-    checkpoint: Path = typer.Option(Path("data/finetune"), help="MLLM folder from pretrain or finetune"),
-    encoder_dir: Path = typer.Option(Path("data/encoder"), help="the encoder the checkpoint was trained on"),
+    checkpoint: Path = typer.Option(layout.FINETUNE, help="MLLM folder from pretrain or finetune"),
+    encoder_dir: Path = typer.Option(layout.ENCODER, help="the encoder the checkpoint was trained on"),
     max_new_tokens: int = typer.Option(48, help="longest answer in tokens"),
 ) -> None:
     model = load_mllm(checkpoint)
     encoder, identity = load_encoder(encoder_dir)
-    if model.config.encoder.get("id") != identity["id"]:
-        raise InputError(
-            f"{checkpoint}: trained on encoder {model.config.encoder.get('id')}, but {encoder_dir} holds "
-            f"{identity['id']}; pass the matching --encoder-dir"
-        )
+    fix = "pass the matching --encoder-dir"
+    require_same_encoder(model.config.encoder, f"{checkpoint} (trained)", identity, encoder_dir, fix)
     embedding = encoder.encode_images([read_image(image, str(image))])[0]
     typer.echo(model.generate(embedding, question, max_new_tokens=max_new_tokens).strip())

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import typer
 
+from revision import layout
 from revision.config import EmbedConfig, describe, load_stage_config, read_params
-from revision.embedding import embed_jobs, jobs_from_manifests
+from revision.embed import embed_jobs, jobs_from_manifests
 from revision.encoders import load_encoder
 from revision.outputs import atomic_dir, write_json
 from revision.tracking import stage_run
@@ -25,10 +26,10 @@ HELP = (
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'embed' block"),
-    prepared: Path = typer.Option(Path("data/prepared"), help="manifests from `revision prepare`"),
-    encoder_dir: Path = typer.Option(Path("data/encoder"), help="encoder from `revision encoder`"),
-    out: Path = typer.Option(Path("data/embeddings"), help="output folder, one embedding set per subfolder"),
-    metrics: Path = typer.Option(Path("reports/embed.json"), help="DVC metrics file"),
+    prepared: Path = typer.Option(layout.PREPARED, help="manifests from `revision prepare`"),
+    encoder_dir: Path = typer.Option(layout.ENCODER, help="encoder from `revision encoder`"),
+    out: Path = typer.Option(layout.EMBEDDINGS, help="output folder, one embedding set per subfolder"),
+    metrics: Path = typer.Option(layout.stage_metrics(NAME), help="DVC metrics file"),
 ) -> None:
     from accelerate import Accelerator
 

@@ -8,13 +8,13 @@ import pandas as pd
 import torch
 import typer
 
+from revision import layout
 from revision.config import EncoderConfig, describe, load_stage_config, read_params
-from revision.contrastive import train_heads
-from revision.encoders import LitEncoder, batched, build_encoder, save_encoder
-from revision.images import read_image
+from revision.contrastive import fit_lit_heads
+from revision.encoders import LitEncoder, build_encoder, save_encoder
 from revision.outputs import atomic_dir, atomic_file, write_json
 from revision.tracking import stage_run
-from revision.zeroshot import modality_gap, zero_shot_accuracy
+from revision.zeroshot import evaluate_encoder
 
 NAME = "encoder"
 HELP = (
@@ -25,17 +25,12 @@ HELP = (
 )
 
 
-def image_reader(root: Path, manifest: str):
-    """Batch function: manifest rows (index, path) -> PIL images, errors naming the row."""
-    return lambda rows: [read_image(root / path, f"{root / manifest}: row {i}") for i, path in rows]
-
-
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'encoder' block"),
-    prepared: Path = typer.Option(Path("data/prepared"), help="manifests from `revision prepare`"),
-    out: Path = typer.Option(Path("data/encoder"), help="output folder: encoder.json (+ heads.safetensors)"),
-    metrics: Path = typer.Option(Path("reports/encoder.json"), help="DVC metrics file"),
-    loss_plot: Path = typer.Option(Path("reports/encoder_loss.csv"), help="contrastive loss per epoch (DVC plot)"),
+    prepared: Path = typer.Option(layout.PREPARED, help="manifests from `revision prepare`"),
+    out: Path = typer.Option(layout.ENCODER, help="output folder: encoder.json (+ heads.safetensors)"),
+    metrics: Path = typer.Option(layout.stage_metrics(NAME), help="DVC metrics file"),
+    loss_plot: Path = typer.Option(layout.loss_curve(NAME), help="contrastive loss per epoch (DVC plot)"),
 ) -> None:
     cfg: EncoderConfig = load_stage_config(NAME, params)
     torch.manual_seed(cfg.seed)
@@ -44,12 +39,7 @@ def main(
     history: list[float] = []
     with stage_run(NAME, read_params(params)[NAME]) as run, atomic_dir(out) as tmp:
         if isinstance(encoder, LitEncoder):
-            pairs = pd.read_parquet(prepared / "encoder_pairs.parquet")
-            rows = list(enumerate(pairs["image"]))
-            read = image_reader(prepared, "encoder_pairs.parquet")
-            image_feats = batched(lambda r: encoder.image_tower(read(r)), rows, cfg.batch_size, "image features")
-            text_feats = batched(encoder.text_tower, pairs["caption"].tolist(), cfg.batch_size, "text features")
-            history = train_heads(encoder, text_feats, image_feats, cfg.lit, cfg.seed, run.log_metrics)
+            history = fit_lit_heads(encoder, prepared, cfg, run.log_metrics)
             if history:
                 results.update(contrastive_loss_first=history[0], contrastive_loss_last=history[-1])
         identity = save_encoder(encoder, cfg, tmp)
@@ -59,16 +49,3 @@ def main(
     with atomic_file(loss_plot) as tmp_csv:
         pd.DataFrame({"epoch": range(len(history)), "contrastive_loss": history}).to_csv(tmp_csv, index=False)
     typer.echo(f"encoder {identity['id']} ({identity['name']}): " + ", ".join(f"{k}={v:.3f}" for k, v in results.items()))
-
-
-def evaluate_encoder(encoder, prepared: Path, batch_size: int) -> dict[str, float]:
-    """Zero-shot accuracy on the eval images and the gap between eval captions and their images."""
-    table = pd.read_parquet(prepared / "eval.parquet")
-    if table.empty:
-        return {}
-    read = image_reader(prepared, "eval.parquet")
-    images = batched(lambda r: encoder.encode_images(read(r)), list(enumerate(table["image"])), batch_size, "eval").numpy()
-    captions = [c[0] for c in table["captions"]]
-    texts = batched(encoder.encode_text, captions, batch_size, quiet=True).numpy()
-    encode = lambda prompts: encoder.encode_text(prompts).numpy()  # noqa: E731
-    return {**zero_shot_accuracy(encode, images, table), "modality_gap": modality_gap(texts, images)}

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 import typer
 
+from revision import layout
 from revision.config import EvaluateConfig, describe, load_stage_config, read_params
-from revision.embeddings import EmbeddingSet
+from revision.embedding_sets import EmbeddingSet
 from revision.errors import InputError
 from revision.evaluate import CaptionScorer, EvalSet, check_checkpoint_encoder, evaluate_model, load_eval_set
 from revision.mllm import load_mllm
@@ -70,25 +71,25 @@ def summary_table(results: dict[str, dict[str, float]]) -> str:
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'evaluate' block"),
-    prepared: Path = typer.Option(Path("data/prepared"), help="manifests (eval.parquet)"),
-    embeddings: Path = typer.Option(Path("data/embeddings"), help="embedding sets (eval_images)"),
+    prepared: Path = typer.Option(layout.PREPARED, help="manifests (eval.parquet)"),
+    embeddings: Path = typer.Option(layout.EMBEDDINGS, help="embedding sets (eval_images)"),
     checkpoints: list[Path] = typer.Option(
-        [Path("data/pretrain"), Path("data/finetune")],
+        [layout.PRETRAIN, layout.FINETUNE],
         help="MLLM folders to score, each named by its folder name (repeat the option for several)",
     ),
     metrics: Path = typer.Option(
-        Path("reports/evaluate/metrics.json"), help="DVC metrics file: {checkpoint name: {metric: value}}"
+        layout.EVALUATE_METRICS, help="DVC metrics file: {checkpoint name: {metric: value}}"
     ),
     predictions: Path = typer.Option(
-        Path("reports/evaluate"), help="folder (replaced as a whole) of <checkpoint name>.jsonl prediction rows"
+        layout.EVALUATE_REPORTS, help="folder (replaced as a whole) of <checkpoint name>.jsonl prediction rows"
     ),
 ) -> None:
     cfg: EvaluateConfig = load_stage_config(NAME, params)
-    images = EmbeddingSet(embeddings / "eval_images")
+    images = EmbeddingSet(embeddings / layout.EVAL_IMAGES.name)
     names = checkpoint_names(checkpoints)
     for checkpoint in checkpoints:
         check_checkpoint_encoder(checkpoint, images)
-    eval_set = load_eval_set(prepared / "eval.parquet", images, cfg)
+    eval_set = load_eval_set(prepared, images, cfg)
     metrics_inside = inside(metrics, predictions)
     results: dict[str, dict[str, float]] = {}
     with stage_run(NAME, read_params(params)[NAME]) as run:

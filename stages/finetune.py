@@ -8,14 +8,15 @@ from pathlib import Path
 import typer
 from accelerate.utils import set_seed
 
+from revision import layout
 from revision.config import FinetuneConfig, describe, load_stage_config, read_params
-from revision.embeddings import EmbeddingSet
-from revision.errors import InputError
+from revision.embedding_sets import EmbeddingSet
+from revision.encoder_identity import require_same_encoder
 from revision.mllm import MLLM, add_lora, load_mllm
 from revision.outputs import fingerprint, tree_digest
-from revision.recipes import make_accelerator, train_and_save
-from revision.samples import sft_samples
 from revision.tracking import stage_run
+from revision.train import StageOutputs, make_accelerator, train_and_save
+from revision.training_data import sft_samples
 
 NAME = "finetune"
 HELP = (
@@ -38,27 +39,25 @@ def load_finetunable(pretrained: Path, cfg: FinetuneConfig) -> MLLM:
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'finetune' block"),
-    prepared: Path = typer.Option(Path("data/prepared"), help="manifests (sft.json)"),
-    embeddings: Path = typer.Option(Path("data/embeddings"), help="embedding sets (sft_images)"),
-    pretrained: Path = typer.Option(Path("data/pretrain"), help="stage-1 MLLM from `revision pretrain`"),
-    out: Path = typer.Option(Path("data/finetune"), help="output MLLM folder"),
-    checkpoints: Path = typer.Option(Path("data/checkpoints/finetune"), help="resumable training state"),
-    metrics: Path = typer.Option(Path("reports/finetune.json"), help="DVC metrics file"),
-    loss_plot: Path = typer.Option(Path("reports/finetune_loss.csv"), help="per-step loss and lr (DVC plot)"),
+    prepared: Path = typer.Option(layout.PREPARED, help="manifests (sft.json)"),
+    embeddings: Path = typer.Option(layout.EMBEDDINGS, help="embedding sets (sft_images)"),
+    pretrained: Path = typer.Option(layout.PRETRAIN, help="stage-1 MLLM from `revision pretrain`"),
+    out: Path = typer.Option(layout.FINETUNE, help="output MLLM folder"),
+    checkpoints: Path = typer.Option(layout.CHECKPOINTS / NAME, help="resumable training state"),
+    metrics: Path = typer.Option(layout.stage_metrics(NAME), help="DVC metrics file"),
+    loss_plot: Path = typer.Option(layout.loss_curve(NAME), help="per-step loss and lr (DVC plot)"),
 ) -> None:
     cfg: FinetuneConfig = load_stage_config(NAME, params)
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
-    images = EmbeddingSet(embeddings / "sft_images")
+    images = EmbeddingSet(embeddings / layout.SFT_IMAGES.name)
     model = load_finetunable(pretrained, cfg)
-    if model.config.encoder.get("id") != images.encoder.get("id"):
-        raise InputError(
-            f"{pretrained}: trained on encoder {model.config.encoder.get('id')}, but {images.dir} was made by "
-            f"{images.encoder.get('id')}; re-run pretrain on this encoder's embeddings"
-        )
-    samples = sft_samples(images, prepared / "sft.json", cfg.max_samples, cfg.seed)
+    fix = "re-run pretrain on this encoder's embeddings"
+    require_same_encoder(model.config.encoder, f"{pretrained} (trained)", images.encoder, images.dir, fix)
+    samples = sft_samples(images, prepared, cfg.max_samples, cfg.seed)
     with stage_run(NAME, read_params(params)[NAME], accelerator.is_main_process) as run:
         run_id = fingerprint(cfg.model_dump(), tree_digest(pretrained), samples.digest())
-        outputs = (checkpoints, out, metrics, loss_plot, lambda: load_finetunable(pretrained, cfg))
-        summary = train_and_save(model, samples, cfg, accelerator, run, run_id, *outputs)
+        outputs = StageOutputs(out, metrics, loss_plot, checkpoints)
+        rebuild = lambda: load_finetunable(pretrained, cfg)  # noqa: E731
+        summary = train_and_save(model, samples, cfg, accelerator, run, run_id, outputs, rebuild)
     typer.echo("finetune: " + json.dumps(summary))

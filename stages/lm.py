@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from revision import layout
 from revision.config import ModelConfig, describe, load_stage_config, read_params
 from revision.errors import InputError
 from revision.lm import LM_POINTER, bundled_gguf_path, convert_gguf, tiny_lm
@@ -24,7 +25,7 @@ HELP = (
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'model' block"),
-    out: Path = typer.Option(Path("data/lm"), help="output folder"),
+    out: Path = typer.Option(layout.LM, help="output folder"),
 ) -> None:
     cfg: ModelConfig = load_stage_config("model", params)
     with stage_run(NAME, read_params(params)["model"]), atomic_dir(out) as tmp:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from revision import layout
 from revision.config import PrepareConfig, describe, load_stage_config, read_params
 from revision.outputs import atomic_dir, write_json
 from revision.prepare import distinct_corpus_texts, prepare
@@ -22,8 +23,8 @@ HELP = (
 
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'prepare' block"),
-    out: Path = typer.Option(Path("data/prepared"), help="output folder (replaced atomically)"),
-    metrics: Path = typer.Option(Path("reports/prepare.json"), help="split sizes as a DVC metrics file"),
+    out: Path = typer.Option(layout.PREPARED, help="output folder (replaced atomically)"),
+    metrics: Path = typer.Option(layout.stage_metrics(NAME), help="split sizes as a DVC metrics file"),
 ) -> None:
     cfg = load_stage_config(NAME, params)
     with stage_run(NAME, read_params(params)[NAME]) as run, atomic_dir(out) as tmp:

@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import typer
-from pydantic import ValidationError
+from pydantic import ValidationError, create_model
 
-from revision.config import RealignConfig, describe, load_stage_config, read_params
+from revision import layout
+from revision.config import RealignConfig, Strict, describe, load_stage_config, read_params
+from revision.embedding_files import ProjectSetSource
 from revision.errors import InputError
 from revision.gap import centroid_gap, check_paired, flat_metrics, json_safe, layout_report_inputs, realign_report
 from revision.outputs import atomic_dir, write_json
-from revision.realign import (
-    ProjectSetSource,
-    align_to_embedding_set,
-    apply_files,
-    check_encoders,
-    fit,
-    fit_files,
-    recipe_from,
-    save_stats,
-)
+from revision.realign import Recipe, align_to_embedding_set, apply_files, check_encoders, fit, fit_files, recipe_from, save_stats
 from revision.tracking import stage_run
 
 NAME = "realign"
-PIPELINE_SETS = ("text", "image_pool", "eval_text", "eval_images")
+PIPELINE_SETS = (layout.TEXT, layout.IMAGE_POOL_IMAGES, layout.EVAL_TEXT, layout.EVAL_IMAGES)
 HELP = (
     "Fit ReAlign (or an alternative: none, mean_shift, c3, block_cov) on unpaired text and image embeddings "
     "and write the aligned text embeddings, the fitted stats and a modality-gap report.\n\n"
@@ -35,8 +29,8 @@ HELP = (
     "Standalone: --text-embeddings T --image-embeddings I --output-dir D fits on your own files (.npy, "
     ".safetensors, .parquet or an embedding directory) and writes D/aligned_text.npy (same row order) and "
     "D/stats.json. --apply D/stats.json --text-embeddings T2 --output-dir D2 applies fitted stats to new text "
-    "without refitting. Standalone settings: the realign block of --params if there is one, overridden by "
-    "the options.\n\nParams read (params.yaml):\n\n" + describe(RealignConfig, "realign")
+    "without refitting. Standalone settings: the full ReAlign recipe in 1024-row chunks, overridden by the "
+    "realign block of --params if there is one, then by the options.\n\nParams read (params.yaml):\n\n" + describe(RealignConfig, "realign")
 )
 
 
@@ -54,10 +48,10 @@ def main(
     seed: Optional[int] = typer.Option(None, help="standalone override of realign.seed"),
     shrinkage: Optional[float] = typer.Option(None, help="standalone override of realign.shrinkage"),
     chunk_rows: Optional[int] = typer.Option(None, help="standalone override of realign.chunk_rows"),
-    embeddings: Path = typer.Option(Path("data/embeddings"), help="pipeline: folder of embedding sets"),
-    prepared: Path = typer.Option(Path("data/prepared"), help="pipeline: manifests holding the probe's labels"),
-    out: Path = typer.Option(Path("data/realign"), help="pipeline: output folder (replaced atomically)"),
-    reports: Path = typer.Option(Path("reports/realign"), help="pipeline: report folder (replaced atomically)"),
+    embeddings: Path = typer.Option(layout.EMBEDDINGS, help="pipeline: folder of embedding sets"),
+    prepared: Path = typer.Option(layout.PREPARED, help="pipeline: manifests holding the probe's labels"),
+    out: Path = typer.Option(layout.REALIGN, help="pipeline: output folder (replaced atomically)"),
+    reports: Path = typer.Option(layout.REALIGN_REPORTS, help="pipeline: report folder (replaced atomically)"),
 ) -> None:
     settings = {"method": method, "anchor": anchor, "trace": trace, "centroid": centroid,
                 "noise_std": noise_std, "seed": seed, "shrinkage": shrinkage}
@@ -70,45 +64,52 @@ def main(
         return run_pipeline(params, embeddings, prepared, out, reports)
     if output_dir is None:
         raise InputError("--output-dir is required with --text-embeddings")
-    cfg = standalone_config(params, {**settings, **chunking})
+    recipe, rows = standalone_config(params, {**settings, **chunking})
     if apply is not None:
         if image_embeddings is not None or settings:
             raise InputError("--apply uses the fitted stats as they are: drop --image-embeddings and method options")
-        stats, moments = apply_files(apply, text_embeddings, output_dir, cfg.chunk_rows)
+        stats, moments = apply_files(apply, text_embeddings, output_dir, rows)
     elif image_embeddings is None:
         raise InputError("--image-embeddings is required to fit (or pass --apply STATS.json)")
     else:
-        stats, moments = fit_files(text_embeddings, image_embeddings, output_dir, recipe_from(cfg), cfg.chunk_rows)
+        stats, moments = fit_files(text_embeddings, image_embeddings, output_dir, recipe, rows)
     gap_before, gap_after = centroid_gap(stats.mu_txt, stats.mu_img), centroid_gap(moments.mean, stats.mu_img)
     typer.echo(f"realign: {stats.recipe.method} on {moments.count} text rows; wrote {output_dir}/aligned_text.npy "
                f"and stats.json; centroid gap {gap_before:.4f} -> {gap_after:.4f}")
 
 
-def standalone_config(params: Path, overrides: dict) -> RealignConfig:
-    """The params block (when the file has one) with the command-line overrides on top."""
-    base = {}
+def standalone_config(params: Path, overrides: dict) -> tuple[Recipe, int]:
+    """The recipe and chunk size of a standalone run: the full ReAlign recipe (``Recipe()``) and 1024-row
+    chunks, overridden by the params file's realign block where it has one, then by the command line."""
+    settings = {**asdict(Recipe()), "chunk_rows": 1024}
     if params.exists() and read_params(params).get(NAME) is not None:
-        base = load_stage_config(NAME, params).model_dump()
+        settings.update(read_params(params)[NAME])
+    fields = {name: (field.annotation, field) for name, field in RealignConfig.model_fields.items() if name in settings}
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise InputError(f"{params}: unknown key(s) realign.{', realign.'.join(unknown)}")
     try:
-        return RealignConfig.model_validate({**base, **overrides})
+        cfg = create_model("StandaloneRealign", __base__=Strict, **fields).model_validate({**settings, **overrides})
     except ValidationError as err:
         problems = "; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors())
         raise InputError(problems) from None
+    return recipe_from(cfg), cfg.chunk_rows
 
 
 def run_pipeline(params: Path, embeddings: Path, prepared: Path, out: Path, reports: Path) -> None:
     cfg = load_stage_config(NAME, params)
-    sets = {name: ProjectSetSource(embeddings / name) for name in PIPELINE_SETS}
-    for name in PIPELINE_SETS[1:]:
-        check_encoders(sets["text"], sets[name])
-    check_paired(sets["eval_text"], sets["eval_images"])
+    sets = {spec.name: ProjectSetSource(embeddings / spec.name) for spec in PIPELINE_SETS}
+    text, images = sets[layout.TEXT.name], sets[layout.IMAGE_POOL_IMAGES.name]
+    for other in list(sets.values())[1:]:
+        check_encoders(text, other)
+    check_paired(sets[layout.EVAL_TEXT.name], sets[layout.EVAL_IMAGES.name])
     with stage_run(NAME, read_params(params)[NAME]) as run:
         # both folders are renamed into place only once the aligned set and the whole report are done
         with atomic_dir(out) as data_tmp, atomic_dir(reports) as report_tmp:
-            stats = fit(sets["text"], sets["image_pool"], recipe_from(cfg), cfg.chunk_rows)
-            moments = align_to_embedding_set(sets["text"], stats, data_tmp / "aligned_text", cfg.chunk_rows)
+            stats = fit(text, images, recipe_from(cfg), cfg.chunk_rows)
+            moments = align_to_embedding_set(text, stats, data_tmp / layout.ALIGNED_TEXT, cfg.chunk_rows)
             save_stats(stats, data_tmp)
-            sets["aligned_text"] = ProjectSetSource(data_tmp / "aligned_text")
+            sets[layout.ALIGNED_TEXT] = ProjectSetSource(data_tmp / layout.ALIGNED_TEXT)
             inputs = layout_report_inputs(
                 stats, moments, sets, prepared, cfg.report_sample, cfg.probe_max_rows, cfg.seed, cfg.chunk_rows
             )

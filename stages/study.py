@@ -11,9 +11,10 @@ from pathlib import Path
 import typer
 import yaml
 
+from revision.config import flatten
 from revision.errors import InputError
 from revision.outputs import write_json
-from revision.study import CONDITIONS, STRESS_CONDITIONS, flatten, grid, queue_command
+from revision.study import CONDITIONS, STRESS_CONDITIONS, grid, queue_command
 
 NAME = "study"
 HELP = (

@@ -26,15 +26,17 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from revision.config import load_stage_config
-from revision.embeddings import EmbeddingSet
-from revision.samples import subsample
+from revision.embedding_sets import EmbeddingSet
+from revision.training_data import subsample
 from stages.cli import app
+from tests.helpers import edit_params
+
+pytestmark = pytest.mark.slow  # every case copies its inputs from the tiny pipeline (tiny_repo)
 
 OTHER_ENCODER = "another-encoder"
 
@@ -98,10 +100,8 @@ def user_llava(env: Env) -> tuple[Path, list]:
 
 def run_prepare(env: Env, file: Path, where: str, **user_files: Path) -> Broken:
     """prepare on the user's files only (``user_dataset=...``, ``user_llava=...``)."""
-    params = env.request.getfixturevalue("tiny_params")
-    blocks = yaml.safe_load(params.read_text())
-    blocks["prepare"].update(sources={}, **{key: str(path) for key, path in user_files.items()})
-    params.write_text(yaml.safe_dump(blocks))
+    params = edit_params(env.request.getfixturevalue("tiny_params"), "prepare", sources={},
+                         **{key: str(path) for key, path in user_files.items()})  # fmt: skip
     out, metrics = env.tmp / "prepared", env.tmp / "prepare.json"
     return Broken(["prepare", "--params", str(params), "--out", str(out), "--metrics", str(metrics)], file, where, [out, metrics])
 
@@ -474,11 +474,7 @@ def chat_image_corrupt(env: Env) -> Broken:
 
 
 def params_with(env: Env, stage: str, key: str, value) -> Path:
-    blocks = yaml.safe_load((env.repo / "params.yaml").read_text())
-    blocks[stage][key] = value
-    path = env.tmp / "broken_params.yaml"
-    path.write_text(yaml.safe_dump(blocks))
-    return path
+    return edit_params(env.repo / "params.yaml", stage, env.tmp / "broken_params.yaml", **{key: value})
 
 
 def run_with_params(env: Env, stage: str, key: str, value) -> Broken:
@@ -539,11 +535,11 @@ CATALOGUE = [
     ("non-finite embeddings",        finetune_images_inf,                   "has non-finite values"),
     ("non-finite embeddings",        evaluate_images_nan,                   "has non-finite values"),
     ("dimension mismatch",           realign_apply_other_dim,               "was fitted at dim"),
-    ("encoder mismatch",             realign_apply_other_encoder,           "was fitted on"),
-    ("encoder mismatch",             realign_pipeline_other_encoder,        "made by encoder"),
-    ("encoder mismatch",             finetune_other_encoder,                "trained on encoder"),
-    ("encoder mismatch",             evaluate_other_encoder,                "trained on encoder"),
-    ("encoder mismatch",             chat_other_encoder,                    "trained on encoder"),
+    ("encoder mismatch",             realign_apply_other_encoder,           "from encoder"),
+    ("encoder mismatch",             realign_pipeline_other_encoder,        "from encoder"),
+    ("encoder mismatch",             finetune_other_encoder,                "from encoder"),
+    ("encoder mismatch",             evaluate_other_encoder,                "from encoder"),
+    ("encoder mismatch",             chat_other_encoder,                    "from encoder"),
     ("unknown params key",           pretrain_unknown_key,                  "Extra inputs are not permitted"),
     ("unknown params key",           embed_unknown_key,                     "Extra inputs are not permitted"),
     ("wrongly typed params value",   pretrain_lr_not_a_number,              "valid number"),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from revision.embeddings import EmbeddingSet, EmbeddingWriter, check_same_encoder
+from revision.embedding_sets import EmbeddingSet, EmbeddingWriter, check_same_encoder
 from revision.errors import InputError
+from tests.helpers import write_embedding_set
 
 ENC_A = {"id": "aaaa", "kind": "lit", "name": "a", "dim": 4}
 ENC_B = {"id": "bbbb", "kind": "lit", "name": "b", "dim": 4}
@@ -14,11 +15,8 @@ ENC_B = {"id": "bbbb", "kind": "lit", "name": "b", "dim": 4}
 
 def _write(path, encoder, rows=23, shard_size=5, batch=4):
     vectors = np.random.default_rng(0).normal(size=(rows, 4)).astype(np.float32)
-    writer = EmbeddingWriter(path, encoder, 4, shard_size)
     ids = [f"id{i}" for i in range(rows)]
-    for start in range(0, rows, batch):
-        writer.add(ids[start : start + batch], vectors[start : start + batch])
-    writer.close()
+    write_embedding_set(path, ids, vectors, encoder, shard_size, batch)  # several adds, across shard boundaries
     return ids, vectors
 
 
@@ -44,7 +42,7 @@ def test_mixing_encoders_is_an_error(tmp_path):
     _write(tmp_path / "b", ENC_B)
     a, b = EmbeddingSet(tmp_path / "a"), EmbeddingSet(tmp_path / "b")
     assert check_same_encoder(a, a) == ENC_A
-    with pytest.raises(InputError, match="made by encoder bbbb"):
+    with pytest.raises(InputError, match="from encoder bbbb"):
         check_same_encoder(a, b)
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from revision.config import EncoderConfig, LitConfig
+from revision.config import load_stage_config
 from revision.contrastive import train_heads
 from revision.encoders import build_encoder, load_encoder, save_encoder
 
-TINY = EncoderConfig(lit=LitConfig(text_tower="tiny", image_tower="tiny", image_size=16, embed_dim=8, epochs=15, batch_size=16, lr=0.01))
+DEFAULT = load_stage_config("encoder", Path(__file__).resolve().parents[1] / "params.yaml")
+TINY_LIT = {"text_tower": "tiny", "image_tower": "tiny", "image_size": 16, "embed_dim": 8, "epochs": 15, "batch_size": 16, "lr": 0.01}
+TINY = DEFAULT.model_copy(update={"lit": DEFAULT.lit.model_copy(update=TINY_LIT)})
 
 
 def _paired_features(n=64, classes=4):
@@ -57,8 +61,8 @@ def test_open_clip_checkpoint_on_disk_is_used_as_is(tmp_path):
     open_clip.add_model_config(tmp_path / "tiny-clip.json")
     weights = {k: v.contiguous() for k, v in open_clip.create_model("tiny-clip").state_dict().items()}
     save_file(weights, str(tmp_path / "clip.safetensors"))
-    cfg = EncoderConfig(kind="open_clip", open_clip_model="tiny-clip", open_clip_config=str(tmp_path / "tiny-clip.json"),
-                        checkpoint=str(tmp_path / "clip.safetensors"))  # fmt: skip
+    cfg = DEFAULT.model_copy(update={"kind": "open_clip", "open_clip_model": "tiny-clip", "checkpoint": str(tmp_path / "clip.safetensors"),
+                                     "open_clip_config": str(tmp_path / "tiny-clip.json")})  # fmt: skip
     encoder = build_encoder(cfg)
     identity = save_encoder(encoder, cfg, tmp_path / "enc")
     loaded, loaded_identity = load_encoder(tmp_path / "enc")

@@ -12,10 +12,9 @@ import pytest
 from pydantic import BaseModel
 
 from revision import config
-from revision.config import read_params
-from revision.tracking import flatten
+from revision.config import flatten, read_params
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("src", "stages", "benchmarks", "scripts")
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill"}
 LOCALHOST = "127.0.0.1"

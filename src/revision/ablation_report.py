@@ -5,8 +5,21 @@ from __future__ import annotations
 from collections import defaultdict
 
 from revision.study import (
-    DOWNSTREAM, GAP, HEADLINE, LABELS, LOWER_IS_BETTER, PAPER, STRESS_CONDITIONS, TABLES, Result, Summary,
-    downstream, gap_metric, resolution, summarize, within_noise,
+    DOWNSTREAM,
+    GAP,
+    HEADLINE,
+    LABELS,
+    LOWER_IS_BETTER,
+    PAPER,
+    STRESS_CONDITIONS,
+    TABLES,
+    Result,
+    Summary,
+    downstream,
+    gap_metric,
+    resolution,
+    summarize,
+    within_noise,
 )  # fmt: skip
 
 PAPER_TEXT = ("no alignment 47.50, C3 48.06, anchor only 46.68, anchor + trace 48.67, full ReAlign 50.16, no stage 1 "

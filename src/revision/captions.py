@@ -47,7 +47,9 @@ GARMENT_WORDS = {
     "bag": ["bag", "handbag", "purse"],
     "ankle boot": ["ankle boot", "short boot", "bootie"],
 }
-TONE_WORDS = {"dark": ["dark", "dark grey", "black"], "mid-grey": ["grey", "mid-grey", "gray"], "light": ["light", "pale", "light grey", "white"]}
+TONE_WORDS = {
+    "dark": ["dark", "dark grey", "black"], "mid-grey": ["grey", "mid-grey", "gray"], "light": ["light", "pale", "light grey", "white"],
+}
 EXTENT_PHRASES = {
     "small": ["small in the frame", "with empty space around it", "taking up little of the frame"],
     "medium": ["at a moderate size", "in the middle of the frame", "neither large nor small in the frame"],

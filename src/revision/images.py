@@ -20,3 +20,8 @@ def read_image(path: str | Path, where: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{where}: unreadable image {path}: {err}") from None
 
+
+
+def read_rows(rows: list[tuple[int, str | Path]], where: str | Path) -> list[Image.Image]:
+    """The images of manifest rows given as (row index, path); an error names ``where`` and the row."""
+    return [read_image(path, f"{where}: row {row}") for row, path in rows]

@@ -23,8 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from revision.config import ModelConfig
 from revision.errors import InputError
-from revision.lm import load_lm
+from revision.lm import lm_path, load_lm
 
 IGNORE_INDEX = -100
 IMAGE_SLOT_ID = -200  # marks visual positions in MLLMBatch.input_ids (never fed to the LM)
@@ -261,6 +262,16 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def new_mllm(lm_dir: Path, model_cfg: ModelConfig, encoder: dict, max_length: int) -> MLLM:
+    """A fresh MLLM: the LM prepared by the lm stage and a new projector for ``encoder``'s embeddings."""
+    lm, tokenizer = load_lm(lm_path(lm_dir), trust_remote_code=model_cfg.trust_remote_code)
+    config = MLLMConfig(
+        embed_dim=encoder["dim"], visual_tokens=model_cfg.visual_tokens, encoder=encoder,
+        system_prompt=model_cfg.system_prompt, max_length=max_length,
+    )  # fmt: skip
+    return MLLM(lm, tokenizer, config)
 
 
 def freeze_lm(model: MLLM) -> MLLM:

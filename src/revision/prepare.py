@@ -1,16 +1,5 @@
-"""Disjoint splits of the bundled (and the user's) data, written as manifests.
-
-```
-<out>/images/<id>.png        images of every split that keeps its images
-<out>/encoder_pairs.parquet  id, image, caption, labels      (trains the dual encoder)
-<out>/text_corpus.parquet    id, text, labels                (unpaired text: its images are in no split)
-<out>/image_pool.parquet     id, image, labels               (unpaired images: no captions)
-<out>/pretrain_pairs.parquet id, image, caption, labels      (paired baseline only)
-<out>/sft.json               LLaVA JSON conversations
-<out>/eval.parquet           id, image, captions, questions (JSON), labels
-```
-Labels are ``source``, ``class_name``, ``colour`` and the JSON ``attrs`` they came from.
-"""
+"""Disjoint splits of the bundled (and the user's) data, written as the manifests of ``revision.layout``
+(file names and columns are defined there), with every kept image under ``images/``."""
 
 from __future__ import annotations
 
@@ -24,11 +13,22 @@ import pandas as pd
 from revision.captions import CAPTION_PROMPTS, caption, distinct_captions, questions
 from revision.config import PrepareConfig, SplitSizes
 from revision.errors import InputError
+from revision.layout import (
+    ENCODER_PAIRS,
+    EVAL,
+    IMAGE_POOL,
+    IMAGES_DIR,
+    MANIFESTS,
+    PRETRAIN_PAIRS,
+    SFT,
+    TEXT_CORPUS,
+    Manifest,
+    write_manifest,
+)
 from revision.sources import Item, load_easyvqa, load_fashion_mnist
 from revision.userdata import read_llava, read_revision_dataset
 
 SPLITS = ("encoder", "text", "image_pool", "pretrain", "sft")
-MANIFESTS = ("encoder_pairs", "text_corpus", "image_pool", "pretrain_pairs", "eval")
 
 
 def _labels(item: Item) -> dict:
@@ -80,21 +80,21 @@ def _conversation(item: Item, rng: random.Random) -> list[dict[str, str]]:
 
 def build_tables(splits: dict[str, list[Item]], cfg: PrepareConfig, rng: random.Random) -> dict:
     """Manifest rows (image paths relative to the output folder) for bundled items."""
-    img = lambda item: f"images/{item.id}.png"  # noqa: E731
-    tables: dict[str, list] = {name: [] for name in (*MANIFESTS, "sft")}
+    img = lambda item: f"{IMAGES_DIR}/{item.id}.png"  # noqa: E731
+    tables: dict[Manifest, list] = {manifest: [] for manifest in MANIFESTS}
     for item in splits["encoder"]:
-        tables["encoder_pairs"].append({"id": item.id, "image": img(item), "caption": caption(item, rng), **_labels(item)})
+        tables[ENCODER_PAIRS].append({"id": item.id, "image": img(item), "caption": caption(item, rng), **_labels(item)})
     for item in splits["text"]:
         for k, text in enumerate(distinct_captions(item, cfg.captions_per_text_image, rng)):
-            tables["text_corpus"].append({"id": f"txt-{item.id}-{k}", "text": text, **_labels(item)})
+            tables[TEXT_CORPUS].append({"id": f"txt-{item.id}-{k}", "text": text, **_labels(item)})
     for item in splits["image_pool"]:
-        tables["image_pool"].append({"id": item.id, "image": img(item), **_labels(item)})
+        tables[IMAGE_POOL].append({"id": item.id, "image": img(item), **_labels(item)})
     for item in splits["pretrain"]:
-        tables["pretrain_pairs"].append({"id": item.id, "image": img(item), "caption": caption(item, rng), **_labels(item)})
+        tables[PRETRAIN_PAIRS].append({"id": item.id, "image": img(item), "caption": caption(item, rng), **_labels(item)})
     for item in splits["sft"]:
-        tables["sft"].append({"id": item.id, "image": img(item), "conversations": _conversation(item, rng)})
+        tables[SFT].append({"id": item.id, "image": img(item), "conversations": _conversation(item, rng)})
     for item in splits["eval"]:
-        tables["eval"].append({
+        tables[EVAL].append({
             "id": item.id, "image": img(item),
             "captions": distinct_captions(item, cfg.eval_captions, rng),
             "questions": json.dumps(questions(item, rng)),
@@ -118,15 +118,15 @@ def _claim_ids(owners: dict[str, str], ids: list[str], entries: str) -> None:
 
 def add_user_data(tables: dict, images_dir: Path, cfg: PrepareConfig, rng: random.Random) -> None:
     """Append the user's dataset.json (unpaired) and LLaVA JSON (paired conversations) to the tables."""
-    owners = {row["id"]: f"the bundled {name} split" for name, rows in tables.items() for row in rows}
+    owners = {row["id"]: f"the bundled {manifest.file} split" for manifest, rows in tables.items() for row in rows}
     if cfg.user_dataset:
         images, texts = read_revision_dataset(cfg.user_dataset)
         _claim_ids(owners, [image.id for image in images], f"{cfg.user_dataset}: images")
         _claim_ids(owners, [text["id"] for text in texts], f"{cfg.user_dataset}: texts")
         for image in images:
-            tables["image_pool"].append({"id": image.id, "image": _copy_image(image.path, image.id, images_dir), **_user_labels("user")})
+            tables[IMAGE_POOL].append({"id": image.id, "image": _copy_image(image.path, image.id, images_dir), **_user_labels("user")})
         for text in texts:
-            tables["text_corpus"].append({**text, **_user_labels("user")})
+            tables[TEXT_CORPUS].append({**text, **_user_labels("user")})
     if cfg.user_llava:
         records = read_llava(cfg.user_llava)
         _claim_ids(owners, [r["id"] for r in records], f"{cfg.user_llava}: ")
@@ -137,12 +137,12 @@ def add_user_data(tables: dict, images_dir: Path, cfg: PrepareConfig, rng: rando
             image = _copy_image(r["image"], r["id"], images_dir)
             labels = _user_labels("user")
             if i < n_eval:
-                tables["eval"].append({"id": r["id"], "image": image, "captions": [r["caption"]], "questions": "[]", **labels})
+                tables[EVAL].append({"id": r["id"], "image": image, "captions": [r["caption"]], "questions": "[]", **labels})
             elif i < n_eval + n_pairs:
-                table = "encoder_pairs" if i % 2 else "pretrain_pairs"
+                table = ENCODER_PAIRS if i % 2 else PRETRAIN_PAIRS
                 tables[table].append({"id": r["id"], "image": image, "caption": r["caption"], **labels})
             else:
-                tables["sft"].append({"id": r["id"], "image": image, "conversations": r["conversations"]})
+                tables[SFT].append({"id": r["id"], "image": image, "conversations": r["conversations"]})
 
 
 def _copy_image(src: Path, image_id: str, images_dir: Path) -> str:
@@ -151,39 +151,35 @@ def _copy_image(src: Path, image_id: str, images_dir: Path) -> str:
     if dest.exists():  # distinct ids such as 'a b' and 'a_b' must not overwrite each other's image
         raise InputError(f"{src}: id {image_id!r} gives the file name {dest.name} that another id already took")
     shutil.copyfile(src, dest)
-    return f"images/{dest.name}"
+    return f"{IMAGES_DIR}/{dest.name}"
 
 
-def _check_unique_ids(tables: dict) -> None:
-    owner: dict[str, str] = {}
-    for name, rows in tables.items():
-        for row in rows:
-            if row["id"] in owner:
-                raise InputError(f"duplicate id {row['id']!r} in {name} and {owner[row['id']]}")
-            owner[row["id"]] = name
+def _check_unique_ids(tables: dict[Manifest, list]) -> None:
+    owners: dict[str, str] = {}
+    for manifest, rows in tables.items():
+        _claim_ids(owners, [row["id"] for row in rows], manifest.file)
 
 
 def prepare(cfg: PrepareConfig, out: Path) -> dict[str, int]:
     """Write every manifest into ``out`` (an empty folder); returns row counts per manifest."""
     rng = random.Random(cfg.seed)
-    images_dir = out / "images"
+    images_dir = out / IMAGES_DIR
     images_dir.mkdir(parents=True)
-    tables: dict[str, list] = {name: [] for name in (*MANIFESTS, "sft")}
+    tables: dict[Manifest, list] = {manifest: [] for manifest in MANIFESTS}
     for source, sizes in sorted(cfg.sources.items()):
         splits = split_source(source, sizes, random.Random(f"{cfg.seed}-{source}"))
-        for name, rows in build_tables(splits, cfg, rng).items():
-            tables[name].extend(rows)
+        for manifest, rows in build_tables(splits, cfg, rng).items():
+            tables[manifest].extend(rows)
         for name in ("encoder", "image_pool", "pretrain", "sft", "eval"):
             for item in splits[name]:
                 item.image().save(images_dir / f"{item.id}.png")
     add_user_data(tables, images_dir, cfg, rng)
     _check_unique_ids(tables)
-    for name in MANIFESTS:
-        pd.DataFrame(tables[name]).to_parquet(out / f"{name}.parquet", index=False)
-    (out / "sft.json").write_text(json.dumps(tables["sft"], indent=1))
-    return {name: len(rows) for name, rows in tables.items()}
+    for manifest, rows in tables.items():
+        write_manifest(out, manifest, rows)
+    return {Path(manifest.file).stem: len(rows) for manifest, rows in tables.items()}
 
 
 def distinct_corpus_texts(out: Path) -> int:
     """How many different strings the unpaired text corpus holds (a templated corpus repeats itself)."""
-    return int(pd.read_parquet(out / "text_corpus.parquet", columns=["text"])["text"].nunique())
+    return int(pd.read_parquet(out / TEXT_CORPUS.file, columns=["text"])["text"].nunique())

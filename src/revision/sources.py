@@ -51,6 +51,11 @@ def _shape_geometry(pixels: np.ndarray) -> dict[str, str]:
     return {"size": size, "position": position}
 
 
+def _named(attribute: str, words: set[str]) -> dict[str, str]:
+    """``{attribute: word}`` when a question names exactly one such word (easy-VQA questions never name two)."""
+    return {attribute: next(iter(words))} if len(words) == 1 else {}
+
+
 def _easyvqa_attrs(questions: list[tuple[str, str]]) -> dict[str, str]:
     """Colour and shape from the answers, and from the shape or colour a question names ("what color is
     the triangle?" tells the shape, "what is the blue shape?" the colour)."""
@@ -60,13 +65,13 @@ def _easyvqa_attrs(questions: list[tuple[str, str]]) -> dict[str, str]:
         words = set(question.rstrip("?").split())
         if answer in EASYVQA_COLOURS:
             attrs["colour"] = answer
-            attrs.update({"shape": w for w in words & EASYVQA_SHAPES})
+            attrs.update(_named("shape", words & EASYVQA_SHAPES))
         elif answer in EASYVQA_SHAPES:
             attrs["shape"] = answer
-            attrs.update({"colour": w for w in words & EASYVQA_COLOURS})
+            attrs.update(_named("colour", words & EASYVQA_COLOURS))
         elif (answer == "yes") != bool(words & {"not", "no"}):  # a true statement names what is there
-            attrs.update({"colour": w for w in words & EASYVQA_COLOURS})
-            attrs.update({"shape": w for w in words & EASYVQA_SHAPES})
+            attrs.update(_named("colour", words & EASYVQA_COLOURS))
+            attrs.update(_named("shape", words & EASYVQA_SHAPES))
         else:
             absent.update(words & EASYVQA_SHAPES)
     if "shape" not in attrs and len(EASYVQA_SHAPES - absent) == 1:

@@ -15,6 +15,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
+from revision.layout import EVALUATE_METRICS, REALIGN_METRICS
+
 ALIGNED = {"pretrain.source": "aligned", "realign.method": "realign"}
 SWITCHES = ("realign.anchor", "realign.trace", "realign.centroid")
 
@@ -54,7 +56,7 @@ GAP = {  # column -> (section of reports/realign/metrics.json, key) for the alig
 }
 HEADLINE = (("pretrain", "caption_nll"), ("pretrain", "image_gain"), ("pretrain", "rank_garment_acc"),
             ("finetune", "caption_nll"), ("finetune", "image_gain"), ("finetune", "rank_garment_acc"))  # fmt: skip
-EVALUATION = "reports/evaluate/metrics.json"
+EVALUATION = EVALUATE_METRICS.as_posix()  # the keys of `dvc exp show --json` metrics
 NAME = re.compile(r"^study-(?:(?P<stress>stress)-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
 
 
@@ -93,16 +95,6 @@ def yaml_value(value: object) -> str:
 def queue_command(experiment: Experiment) -> list[str]:
     sets = [arg for key, value in experiment.overrides.items() for arg in ("-S", f"{key}={yaml_value(value)}")]
     return ["dvc", "exp", "run", "--queue", "--name", experiment.name, *sets]
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # ---------------------------------------------------------------- reading the experiments
@@ -179,7 +171,7 @@ def gap_metric(result: Result, column: str) -> float | None:
     if result.condition == "raw":
         section = {"after": "before", "eval_after": "eval_before"}.get(section, section)
         key = "text_raw" if key == "text_aligned" else key
-    value = result.metrics.get("reports/realign/metrics.json", {}).get(section, {}).get(key)
+    value = result.metrics.get(REALIGN_METRICS.as_posix(), {}).get(section, {}).get(key)
     return float(value) if isinstance(value, (int, float)) else None
 
 

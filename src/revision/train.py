@@ -1,4 +1,5 @@
-"""The training loop shared by stage 1 (pretrain) and stage 2 (finetune), readable top to bottom.
+"""Training an MLLM stage (stage 1 pretrain, stage 2 finetune): the loop, readable top to bottom, and
+``train_and_save``, which runs it and writes the stage's model, metrics and loss curve.
 
 Accelerate handles devices, DDP, gradient accumulation and mixed precision; AdamW with linear warmup and
 cosine decay; a fixed, seeded sample order per epoch so an interrupted run resumes on exactly the batch it
@@ -14,11 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+
+from revision.config import TrainConfig
+from revision.mllm import MLLM, save_mllm
+from revision.outputs import atomic_dir, atomic_file, write_json
+from revision.tracking import StageRun
+from revision.training_data import EmbeddingConversations, collate
 
 
 @dataclass(frozen=True)
@@ -121,3 +129,81 @@ def train(
                 break
     progress.close()
     return model, history
+
+
+# ----------------------------------------------------------------------------------------- a whole stage
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """Where a training stage writes: the model folder, its DVC metrics and loss curve, and the resumable
+    checkpoints (deleted once the model is saved)."""
+
+    model: Path
+    metrics: Path
+    loss_curve: Path
+    checkpoints: Path
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
+
+
+def loop_config(cfg: TrainConfig) -> LoopConfig:
+    return LoopConfig(cfg.seed, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.checkpoint_every)
+
+
+def loss_summary(history: list[dict], window: int = 10) -> dict[str, float]:
+    """Mean loss over the first and last ``window`` optimizer steps (single steps are noisy)."""
+    if not history:
+        return {"steps": 0}
+    losses = [row["loss"] for row in history]
+    window = max(1, min(window, len(losses) // 2))  # the two windows never overlap
+    return {
+        "steps": len(history),
+        "loss_first": sum(losses[:window]) / len(losses[:window]),
+        "loss_last": sum(losses[-window:]) / len(losses[-window:]),
+    }
+
+
+def write_loss_csv(path: Path, history: list[dict]) -> None:
+    with atomic_file(path) as tmp:
+        pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
+
+
+def train_and_save(
+    model: MLLM,
+    samples: EmbeddingConversations | None,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run: StageRun,
+    run_id: str,
+    outputs: StageOutputs,
+    rebuild: Callable[[], MLLM],
+    extra: dict | None = None,
+) -> dict:
+    """Train (unless ``samples`` is None; ``run_id`` fingerprints the inputs a checkpoint may be resumed
+    with), then on the main process save the MLLM atomically, write the metrics and loss curve, and drop the
+    checkpoints the finished run no longer needs.
+
+    The saved weights are ``accelerator.get_state_dict``'s full copy loaded into ``rebuild()``, a fresh model
+    of the same shape: under ZeRO-3 or FSDP the trained model only holds this process's shard."""
+    history = []
+    if samples is not None:
+        loss = lambda m, batch: m(batch[0], batch[1])  # noqa: E731
+        model, history = train(
+            model, samples, collate, loss, loop_config(cfg), accelerator, outputs.checkpoints, run_id, run.log_metrics
+        )
+    state = accelerator.get_state_dict(model)  # every process takes part: sharded weights are gathered here
+    summary = {**(extra or {}), "samples": len(samples) if samples is not None else 0, **loss_summary(history)}
+    run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    if accelerator.is_main_process:
+        trained = rebuild()
+        trained.load_state_dict(state)
+        with atomic_dir(outputs.model) as tmp:
+            save_mllm(trained, tmp)
+        write_json(outputs.metrics, summary)
+        write_loss_csv(outputs.loss_curve, history)
+        shutil.rmtree(outputs.checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return summary

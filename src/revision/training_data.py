@@ -1,8 +1,8 @@
-"""Training samples for the MLLM stages: (embedding, LLaVA-style conversation) pairs.
+"""What the MLLM stages train on: (embedding, LLaVA-style conversation) pairs.
 
 Stage 1 pairs each embedding with a caption request whose answer is the very text the embedding came from
-(ReVision: the embedding is aligned text standing in for an image). Stage 2 pairs real image embeddings with
-the SFT conversations.
+(ReVision: the embedding is aligned text standing in for an image); ``stage1_samples`` is where
+``pretrain.source`` picks that embedding. Stage 2 pairs real image embeddings with the SFT conversations.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -18,8 +19,18 @@ import torch
 from torch.utils.data import Dataset
 
 from revision.captions import CAPTION_PROMPTS
-from revision.embeddings import EmbeddingSet, positions
+from revision.embedding_sets import EmbeddingSet, positions
 from revision.errors import InputError
+from revision.layout import (
+    ALIGNED_TEXT,
+    PRETRAIN_IMAGES,
+    PRETRAIN_PAIRS,
+    SFT,
+    TEXT,
+    TEXT_CORPUS,
+    Manifest,
+    read_manifest,
+)
 
 
 class EmbeddingConversations(Dataset):
@@ -78,10 +89,32 @@ def caption_samples(
     return EmbeddingConversations(vectors, conversations)
 
 
-def sft_samples(embeddings: EmbeddingSet, sft_json: Path, max_samples: int | None, seed: int) -> EmbeddingConversations:
+# pretrain.source -> (the embedding set stage 1 reads, given the embeddings and realign folders; the manifest
+# and column holding each embedding's text)
+STAGE1_SOURCES: dict[str, tuple[Callable[[Path, Path], Path], Manifest, str]] = {
+    "aligned": (lambda embeddings, realign: realign / ALIGNED_TEXT, TEXT_CORPUS, "text"),  # ReVision
+    "raw": (lambda embeddings, realign: embeddings / TEXT.name, TEXT_CORPUS, "text"),  # the same text, unaligned
+    "paired": (lambda embeddings, realign: embeddings / PRETRAIN_IMAGES.name, PRETRAIN_PAIRS, "caption"),  # LLaVA-style
+    "none": (lambda embeddings, realign: embeddings / TEXT.name, TEXT_CORPUS, "text"),  # no stage 1: identity only
+}
+
+
+def stage1_samples(
+    source: str, prepared: Path, embeddings: Path, realign: Path, max_samples: int | None, seed: int
+) -> tuple[EmbeddingConversations | None, dict]:
+    """Stage 1's samples for ``pretrain.source`` (None for ``none``) and the identity of their encoder."""
+    vectors_of, manifest, column = STAGE1_SOURCES[source]
+    vectors = EmbeddingSet(vectors_of(embeddings, realign))
+    if source == "none":
+        return None, vectors.encoder
+    table = read_manifest(prepared, manifest)
+    return caption_samples(vectors, table, column, prepared / manifest.file, max_samples, seed), vectors.encoder
+
+
+def sft_samples(images: EmbeddingSet, prepared: Path, max_samples: int | None, seed: int) -> EmbeddingConversations:
     """Stage 2: the SFT conversations with their images' embeddings."""
-    records = json.loads(sft_json.read_text())
+    records = read_manifest(prepared, SFT)
     keep = subsample(len(records), max_samples, seed)
-    records = [records[i] for i in keep]
-    vectors = vectors_by_id(embeddings, [str(r["id"]) for r in records], sft_json, keep)
-    return EmbeddingConversations(vectors, [r["conversations"] for r in records])
+    records = records.iloc[keep]
+    vectors = vectors_by_id(images, records["id"].tolist(), prepared / SFT.file, keep)
+    return EmbeddingConversations(vectors, records["conversations"].tolist())

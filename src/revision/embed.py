@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from revision.embeddings import EmbeddingSet, EmbeddingWriter, complete_shard_rows, positions
+from revision.embedding_sets import EmbeddingSet, EmbeddingWriter, complete_shard_rows, positions
 from revision.encoders import batched
-from revision.images import read_image
+from revision.images import read_rows
+from revision.layout import EMBEDDED_SETS, TEXT, EmbeddedSet, read_manifest
 from revision.outputs import fingerprint
 from revision.stress import STRESS_FILE, class_direction, class_spread, shift_images
 
@@ -43,30 +43,19 @@ class EmbedJob:
 
 
 def jobs_from_manifests(prepared: Path) -> list[EmbedJob]:
-    """The unpaired text and image pool, plus the images of every other split and the eval captions."""
-    jobs = []
+    """One job per set of ``layout.EMBEDDED_SETS``: the unpaired text and image pool, the images of every
+    other split and the eval captions."""
+    return [_job(prepared, spec) for spec in EMBEDDED_SETS]
 
-    def images(name: str, table: pd.DataFrame, manifest: str) -> EmbedJob:
-        paths = [prepared / p for p in table["image"]]
-        return EmbedJob(name, "image", table["id"].astype(str).tolist(), paths, str(prepared / manifest))
 
-    text = pd.read_parquet(prepared / "text_corpus.parquet")
-    corpus = str(prepared / "text_corpus.parquet")
-    labels = text["class_name"].astype(str).tolist()
-    jobs.append(EmbedJob("text", "text", text["id"].astype(str).tolist(), text["text"].tolist(), corpus, labels))
-    for name, manifest in [
-        ("image_pool", "image_pool.parquet"),
-        ("encoder_images", "encoder_pairs.parquet"),
-        ("pretrain_images", "pretrain_pairs.parquet"),
-        ("eval_images", "eval.parquet"),
-    ]:
-        jobs.append(images(name, pd.read_parquet(prepared / manifest), manifest))
-    sft = pd.DataFrame(json.loads((prepared / "sft.json").read_text()), columns=["id", "image"])
-    jobs.append(images("sft_images", sft, "sft.json"))
-    evals = pd.read_parquet(prepared / "eval.parquet")
-    captions = [c[0] for c in evals["captions"]]
-    jobs.append(EmbedJob("eval_text", "text", evals["id"].astype(str).tolist(), captions, str(prepared / "eval.parquet")))
-    return jobs
+def _job(prepared: Path, spec: EmbeddedSet) -> EmbedJob:
+    table = read_manifest(prepared, spec.manifest)
+    values = table[spec.column].tolist()
+    if spec.first_item:
+        values = [value[0] for value in values]
+    items = [prepared / path for path in values] if spec.modality == "image" else values
+    labels = table["class_name"].astype(str).tolist() if spec is TEXT else None
+    return EmbedJob(spec.name, spec.modality, table["id"].tolist(), items, str(prepared / spec.manifest.file), labels)
 
 
 RESUME_MARKER = "resume.json"
@@ -109,7 +98,7 @@ def finished_rows(partial: Path, jobs: list[EmbedJob], fingerprint: str, shard_s
 def _encode_fn(encoder, job: EmbedJob, image_shift: Callable | None) -> Callable[[list], torch.Tensor]:
     if job.modality == "text":
         return encoder.encode_text
-    encode = lambda rows: encoder.encode_images([read_image(path, f"{job.where}: row {i}") for i, path in rows])  # noqa: E731
+    encode = lambda rows: encoder.encode_images(read_rows(rows, job.where))  # noqa: E731
     return encode if image_shift is None else lambda rows: image_shift(encode(rows))
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from revision.encoder_identity import require_same_encoder
 from revision.errors import InputError
 
 FORMAT = "revision-embeddings/1"
@@ -164,9 +165,5 @@ def check_same_encoder(*sets: EmbeddingSet) -> dict:
     """All sets must come from one encoder; returns its identity."""
     first = sets[0]
     for other in sets[1:]:
-        if other.encoder.get("id") != first.encoder.get("id"):
-            raise InputError(
-                f"{other.dir}: made by encoder {other.encoder.get('id')} but {first.dir} by "
-                f"{first.encoder.get('id')}; re-embed both with one encoder"
-            )
+        require_same_encoder(other.encoder, other.dir, first.encoder, first.dir, "re-embed both with one encoder")
     return first.encoder

@@ -1,0 +1,60 @@
+"""params.yaml is the one place values are set: configs carry no defaults, profiles merge without losing comments."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from revision.config import STAGE_CONFIGS, apply_profile, load_stage_config
+from revision.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fields(model: type[BaseModel], prefix: str):
+    for name, field in model.model_fields.items():
+        yield f"{prefix}.{name}", field
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _fields(field.annotation, f"{prefix}.{name}")
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+def test_configs_hold_no_default_values(stage):
+    with_default = [name for name, field in _fields(STAGE_CONFIGS[stage], stage) if not field.is_required()]
+    assert not with_default, f"defaults belong in params.yaml, not config.py: {with_default}"
+
+
+@pytest.mark.parametrize("profile", [None, *sorted(p.name for p in (ROOT / "profiles").glob("*.yaml"))])
+def test_params_and_every_profile_give_valid_configs(tmp_path, profile):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    if profile:
+        apply_profile(ROOT / "profiles" / profile, params)
+    for stage in STAGE_CONFIGS:
+        load_stage_config(stage, params)
+
+
+def test_a_missing_key_is_an_error_naming_it(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del params["finetune"]["lr"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(InputError, match=r"finetune\.lr: Field required"):
+        load_stage_config("finetune", tmp_path / "params.yaml")
+
+
+def test_profile_merges_values_and_keeps_comments(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    original = params.read_text()
+    merged = apply_profile(ROOT / "profiles" / "tiny.yaml", params)
+    profile = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    assert merged["model"]["lm"] == profile["model"]["lm"] == "tiny"
+    assert merged["prepare"]["sources"] == profile["prepare"]["sources"]  # replaced whole, not merged
+    assert merged["finetune"]["lora_targets"] == yaml.safe_load(original)["finetune"]["lora_targets"]  # untouched
+    comments = [line.strip() for line in original.splitlines() if line.strip().startswith("#")]
+    assert comments and all(comment in params.read_text() for comment in comments)
+    assert yaml.safe_load(params.read_text()) == merged
