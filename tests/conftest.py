@@ -4,54 +4,24 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from revision.tracking import apply_offline_defaults
+from tests.helpers import ROOT, copy_repo, run
 
 apply_offline_defaults()  # offline before any test module imports transformers
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
-
-def run(
-    cmd: list[str], cwd: Path, check: bool = True, tracking_uri: str = "sqlite:///mlflow.db", env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Run a command with the venv's tools first on PATH; MLflow logs to ``cwd``'s store unless told otherwise."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking_uri, **(env or {})}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def lock_outputs(repo: Path) -> dict[str, list]:
-    """Every stage's outputs as DVC hashed them in dvc.lock."""
-    import yaml
-
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    return {stage: sorted((o["path"], o.get("md5")) for o in entry.get("outs", [])) for stage, entry in lock.items()}
-
-
-def copy_repo(dest: Path, profile: str | None = "tiny") -> Path:
-    """Tracked and untracked-not-ignored files into ``dest``, a fresh git repo with one commit."""
-    files = run(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()
-    for name in files:
-        src = ROOT / name
-        if src.is_file() and not name.startswith(("reports/", "data/")) and name != "dvc.lock":
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    (dest / "data").mkdir(exist_ok=True)
-    if profile:
-        run(["revision", "profile", profile], dest)
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "init"], dest)
-    return dest
+def pytest_collection_modifyitems(config, items):
+    """A test on the tiny pipeline must be marked slow, or `pytest -m "not slow"` would start a `dvc repro`."""
+    unmarked = [
+        item.nodeid for item in items
+        if "tiny_repo" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow")
+    ]  # fmt: skip
+    if unmarked:
+        raise pytest.UsageError("these tests use tiny_repo: mark them @pytest.mark.slow: " + ", ".join(unmarked))
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ def test_round_trip_across_uneven_shards(tmp_path):
 def test_duplicate_ids_are_an_error(tmp_path):
     writer = EmbeddingWriter(tmp_path / "e", ENC_A, 4)
     writer.add(["x", "y", "x"], np.zeros((3, 4)))
-    with pytest.raises(InputError, match="duplicate ids"):
+    with pytest.raises(InputError, match=r"row 2: duplicate id 'x' \(first at row 0\)"):
         writer.close()
 
 

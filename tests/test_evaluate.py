@@ -13,7 +13,6 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from revision.embeddings import EmbeddingWriter
 from revision.errors import InputError
 from revision.evaluate import (
     RANKED_PROBES,
@@ -31,9 +30,9 @@ from revision.evaluate import (
     vqa_accuracy,
     yes_no,
 )
-from revision.lm import load_lm
-from revision.mllm import MLLM, MLLMConfig, save_mllm
+from revision.mllm import MLLMConfig, save_mllm
 from stages import evaluate
+from tests.helpers import tiny_mllm, write_embedding_set
 
 EMBED_DIM = 16
 ENCODER = {"id": "enc-test", "kind": "lit", "name": "tiny", "dim": EMBED_DIM}
@@ -150,9 +149,7 @@ def test_derangement_gives_every_caption_another_image():
 
 
 def test_answer_nll_sums_what_forward_averages(tiny_lm_dir):
-    lm, tokenizer = load_lm(tiny_lm_dir)
-    torch.manual_seed(0)
-    model = MLLM(lm, tokenizer, MLLMConfig(embed_dim=EMBED_DIM, visual_tokens=2, encoder=ENCODER)).eval()
+    model = tiny_mllm(tiny_lm_dir, EMBED_DIM, visual_tokens=2, encoder=ENCODER).eval()
     conversations = [[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": text}]
                      for text in ("A red circle.", "A large blue triangle on the left side.")]  # fmt: skip
     vectors = torch.randn(2, EMBED_DIM)
@@ -194,9 +191,7 @@ def test_ranked_probe_prefers_the_caption_the_model_finds_more_likely():
 
 
 def make_checkpoint(lm_dir: Path, out: Path, encoder: dict, seed: int) -> Path:
-    lm, tokenizer = load_lm(lm_dir)
-    torch.manual_seed(seed)
-    return save_mllm(MLLM(lm, tokenizer, MLLMConfig(embed_dim=EMBED_DIM, visual_tokens=2, encoder=encoder)), out)
+    return save_mllm(tiny_mllm(lm_dir, EMBED_DIM, visual_tokens=2, encoder=encoder, seed=seed), out)
 
 
 def eval_rows() -> list[dict]:
@@ -236,9 +231,8 @@ def eval_inputs(tmp_path_factory, tiny_lm_dir) -> Path:
     rows = eval_rows()
     pd.DataFrame(rows).to_parquet(root / "prepared" / "eval.parquet", index=False)
     vectors = np.random.default_rng(0).normal(size=(len(rows), EMBED_DIM)).astype(np.float32)
-    writer = EmbeddingWriter(root / "embeddings" / "eval_images", ENCODER, EMBED_DIM)
-    writer.add([row["id"] for row in rows], vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
-    writer.close()
+    unit_vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_embedding_set(root / "embeddings" / "eval_images", [row["id"] for row in rows], unit_vectors, ENCODER)
     for seed, name in enumerate(["pretrain", "finetune"]):
         make_checkpoint(tiny_lm_dir, root / "checkpoints" / name, ENCODER, seed)
     params = {"evaluate": {"seed": 0, "max_images": 6, "max_questions": 2, "batch_size": 4, "max_new_tokens": 8}}
@@ -257,6 +251,7 @@ def run_stage(root: Path, out: Path, checkpoints: list[Path]):
     return CliRunner().invoke(app, args)
 
 
+@pytest.mark.slow  # generates and scores every kind of question for two checkpoints (~20 s)
 def test_evaluate_stage_scores_each_checkpoint(eval_inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's artifact store lands in the working folder
     checkpoints = [eval_inputs / "checkpoints" / name for name in ("pretrain", "finetune")]

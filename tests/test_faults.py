@@ -7,9 +7,12 @@ import re
 import shutil
 from pathlib import Path
 
-from tests.conftest import lock_outputs, run
+import pytest
 
-INSTRUMENT = Path(__file__).parent / "instrument"
+from tests.helpers import INSTRUMENT, lock_outputs, run
+
+pytestmark = pytest.mark.slow
+
 KILLED = {"embed": "data/.embeddings.tmp", "pretrain": "data/checkpoints/pretrain", "finetune": "data/checkpoints/finetune"}
 
 

@@ -9,18 +9,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from revision import gap
-from revision.embeddings import EmbeddingSet, EmbeddingWriter
-from revision.realign import Moments, Recipe, RealignStats, transform
+from revision.config import read_params
+from revision.embedding_sets import EmbeddingSet
+from revision.realign import Moments, RealignStats, Recipe, transform
 from stages.cli import app
+from tests.helpers import ROOT, unit, write_embedding_set
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def cloud(rows: int, dim: int, centre: np.ndarray | None = None, spread: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -159,9 +158,7 @@ def test_json_safe_replaces_non_finite_numbers():
 
 
 def write_set(directory: Path, ids: list[str], vectors: np.ndarray, encoder_id: str = "enc") -> None:
-    writer = EmbeddingWriter(directory, {"id": encoder_id}, vectors.shape[1], shard_size=64)
-    writer.add(ids, vectors)
-    writer.close()
+    write_embedding_set(directory, ids, vectors, {"id": encoder_id}, shard_size=64)
 
 
 def write_layout(root: Path, rows: int = 240, dim: int = 8) -> None:
@@ -182,9 +179,9 @@ def write_layout(root: Path, rows: int = 240, dim: int = 8) -> None:
     write_set(emb / "eval_images", ids, images)
     write_set(emb / "eval_text", ids, captions)
     pd.DataFrame({"id": ids, "class_name": y, "colour": [None] * 90}).to_parquet(prepared / "eval.parquet")
-    (root / "params.yaml").write_text(
-        "realign:\n  method: realign\n  chunk_rows: 50\n  report_sample: 100\n  report_k: 5\n  probe_max_rows: 200\n"
-    )
+    realign = {**read_params(ROOT / "params.yaml")["realign"], "chunk_rows": 50, "report_sample": 100, "report_k": 5,
+               "probe_max_rows": 200}
+    (root / "params.yaml").write_text(yaml.safe_dump({"realign": realign}))
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,12 +12,12 @@ from revision.mllm import (
     IGNORE_INDEX,
     IMAGE_SLOT_ID,
     MLLM,
-    MLLMConfig,
     add_lora,
     freeze_lm,
     load_mllm,
     save_mllm,
 )
+from tests.helpers import tiny_mllm
 
 EMBED_DIM = 16
 VISUAL_TOKENS = 3
@@ -40,10 +38,7 @@ ENCODER = {"kind": "lit", "name": "tiny", "dim": EMBED_DIM, "fingerprint": "abc1
 
 @pytest.fixture
 def model(tiny_lm_dir) -> MLLM:
-    lm, tokenizer = load_lm(tiny_lm_dir)
-    torch.manual_seed(0)
-    config = MLLMConfig(embed_dim=EMBED_DIM, visual_tokens=VISUAL_TOKENS, encoder=ENCODER)
-    return MLLM(lm, tokenizer, config)
+    return tiny_mllm(tiny_lm_dir, EMBED_DIM, VISUAL_TOKENS, encoder=ENCODER)
 
 
 def embeddings(n: int, seed: int = 0) -> torch.Tensor:

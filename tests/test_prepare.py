@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from revision.captions import caption, distinct_captions
 from revision.sources import load_easyvqa
 from stages.cli import app
+from tests.helpers import edit_params
 
 
 def _cli(params: Path, out: Path):
@@ -23,9 +24,7 @@ def _cli(params: Path, out: Path):
 
 
 def _set(params: Path, **values) -> None:
-    data = yaml.safe_load(params.read_text())
-    data["prepare"].update(values)
-    params.write_text(yaml.safe_dump(data))
+    edit_params(params, "prepare", **values)
 
 
 def test_captions_vary_in_template_and_wording():
@@ -46,11 +45,13 @@ def test_easyvqa_attributes_agree_with_its_questions():
                 assert answer == item.attrs["shape"]
 
 
+@pytest.mark.slow  # two full prepare runs (~20 s)
 def test_same_seed_same_manifests(tiny_params, tmp_path):
     for out in ("a", "b"):
         assert _cli(tiny_params, tmp_path / out).exit_code == 0
     for name in ("text_corpus", "eval", "encoder_pairs"):
-        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / f"{name}.parquet"), pd.read_parquet(tmp_path / "b" / f"{name}.parquet"))
+        first, second = (pd.read_parquet(tmp_path / run / f"{name}.parquet") for run in ("a", "b"))
+        pd.testing.assert_frame_equal(first, second)
 
 
 def _image(path: Path) -> str:
@@ -140,6 +141,7 @@ def test_unknown_param_names_the_key(tiny_params, tmp_path):
     assert result.exit_code == 2 and "prepare.captions_per_image" in result.output
 
 
+@pytest.mark.slow  # reads the real sources before it refuses (~5 s)
 def test_oversized_split_names_the_source(tiny_params, tmp_path):
     data = yaml.safe_load(tiny_params.read_text())
     data["prepare"]["sources"]["easyvqa"]["text"] = 5000

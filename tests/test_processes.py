@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, lock_outputs, run
+from tests.helpers import INSTRUMENT, ROOT, lock_outputs, run
 
-INSTRUMENT = Path(__file__).parent / "instrument"
 TWO_CPU_PROCESSES = "accelerate launch --config_file configs/accelerate/cpu-2proc.yaml -m stages"
 ON_CPU = {"ACCELERATE_USE_CPU": "true"}
 
@@ -25,6 +23,7 @@ def runs_of(tracking_uri: str, stage: str) -> int:
     return len(client.search_runs([experiment.experiment_id], f"tags.stage = '{stage}'")) if experiment else 0
 
 
+@pytest.mark.slow
 def test_two_processes_embed_exactly_like_one_through_dvc(tiny_repo, tmp_path):
     # One thread per process on both sides: float reductions may round differently with another thread count.
     one_thread = {**ON_CPU, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -43,6 +42,7 @@ def test_two_processes_embed_exactly_like_one_through_dvc(tiny_repo, tmp_path):
     assert runs_of(tracking, "embed") == 1
 
 
+@pytest.mark.slow
 def test_two_processes_train_in_sync_and_close_to_one(tiny_repo, tmp_path):
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     params["pretrain"]["batch_size"] //= 2  # per process: the global batch stays the one-process batch

@@ -15,7 +15,6 @@ import pytest
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
-from revision.embeddings import EmbeddingWriter
 from revision.errors import InputError
 from revision.realign import (
     METHODS,
@@ -30,14 +29,10 @@ from revision.realign import (
     transform_images,
 )
 from stages.cli import app
+from tests.helpers import unit, write_embedding_set
 
 GOLDEN = Path(__file__).parent / "fixtures" / "realign_golden"
 TOL = 1e-6
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def synthetic(rows: int, dim: int, offset: float, spread: float, seed: int) -> np.ndarray:
@@ -67,10 +62,7 @@ def aligned(text_path, image_path, tmp_path, chunk_rows=10**6, **recipe) -> tupl
 
 
 def project_set(directory: Path, vectors: np.ndarray, encoder_id: str = "enc-a", shard_size: int = 4096) -> Path:
-    writer = EmbeddingWriter(directory, {"id": encoder_id}, vectors.shape[1], shard_size=shard_size)
-    writer.add([f"row-{i}" for i in range(len(vectors))], vectors)
-    writer.close()
-    return directory
+    return write_embedding_set(directory, [f"row-{i}" for i in range(len(vectors))], vectors, {"id": encoder_id}, shard_size)
 
 
 # --------------------------------------------------------------------------------------------- golden

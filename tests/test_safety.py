@@ -154,11 +154,14 @@ def config_models() -> list[type[BaseModel]]:
     ]  # fmt: skip
 
 
-def test_every_trust_remote_code_param_defaults_to_false():
+def test_every_trust_remote_code_param_is_explicit_and_off_in_params():
     owners = {model.__name__: model.model_fields["trust_remote_code"] for model in config_models()
               if "trust_remote_code" in model.model_fields}  # fmt: skip
     assert {"EncoderConfig", "ModelConfig"} <= set(owners)
-    assert {name: field.default for name, field in owners.items()} == dict.fromkeys(owners, False)
+    assert all(field.is_required() for field in owners.values())  # no silent default: params.yaml must say it
+    shipped = flatten(read_params(ROOT / "params.yaml"))
+    assert {"encoder.trust_remote_code", "model.trust_remote_code"} <= set(shipped)
+    assert shipped["encoder.trust_remote_code"] is False and shipped["model.trust_remote_code"] is False
 
 
 def test_shipped_params_and_profiles_keep_trust_remote_code_off():

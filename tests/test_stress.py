@@ -7,13 +7,14 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
-from revision.embeddings import EmbeddingSet
+from revision.embedding_sets import EmbeddingSet
 from revision.stress import class_direction, shift_images
 from stages.cli import app
+from tests.helpers import edit_params
 
 
 def test_class_direction_finds_the_axis_the_classes_differ_on():
@@ -38,10 +39,9 @@ def test_shift_moves_images_along_the_direction_and_keeps_unit_norm():
     torch.testing.assert_close(shift_images(images, direction, 0.0), images)
 
 
+@pytest.mark.slow
 def test_embed_with_stress_shifts_every_image_set_and_no_text(tiny_repo, tmp_path):
-    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
-    params["embed"]["stress_shift"] = 0.8
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    edit_params(tiny_repo / "params.yaml", "embed", tmp_path / "params.yaml", stress_shift=0.8)
     out = tmp_path / "emb"
     with contextlib.chdir(tiny_repo):
         result = CliRunner().invoke(app, ["embed", "--params", str(tmp_path / "params.yaml"), "--out", str(out),

@@ -10,8 +10,17 @@ import pytest
 
 from revision.ablation_report import render
 from revision.study import (
-    CONDITIONS, STRESS_CONDITIONS, grid, merge_results, queue_command, results_from_record, results_record, study_results,
-    resolution, summarize, within_noise,
+    CONDITIONS,
+    STRESS_CONDITIONS,
+    grid,
+    merge_results,
+    queue_command,
+    resolution,
+    results_from_record,
+    results_record,
+    study_results,
+    summarize,
+    within_noise,
 )  # fmt: skip
 
 PROFILE = {"pretrain.max_samples": 256, "evaluate.max_images": 40}
@@ -52,7 +61,8 @@ def test_noise_rule_uses_two_standard_errors():
 
 def _experiment(name: str, garment: float, nll: float, error: str | None = None) -> dict:
     metrics = {"pretrain": {"rank_garment_acc": garment, "caption_nll": nll}, "finetune": {"rank_garment_acc": garment + 0.1, "cider": 1.0}}
-    realign = {"after": {"centroid_gap": 0.001}, "before": {"centroid_gap": 0.5}, "probe_class_name": {"text_aligned": 0.9, "text_raw": 0.6}}
+    realign = {"after": {"centroid_gap": 0.001}, "before": {"centroid_gap": 0.5},
+               "probe_class_name": {"text_aligned": 0.9, "text_raw": 0.6}}
     data = {
         "rev": name[:7],
         "timestamp": "2026-11-22T10:00:00",

@@ -6,17 +6,20 @@ import contextlib
 import json
 
 import pandas as pd
+import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
+from revision.mllm import load_mllm
 from stages.cli import app
+from tests.helpers import edit_params
+
+pytestmark = pytest.mark.slow
 
 
 def _stage(tiny_repo, tmp_path, stage: str, **overrides) -> dict:
-    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
-    params[stage].update(overrides)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path = edit_params(tiny_repo / "params.yaml", stage, tmp_path / "params.yaml", **overrides)
     out = tmp_path / "out"
     args = ["revision", stage, "--params", str(path), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
             "--loss-plot", str(tmp_path / "loss.csv"), "--checkpoints", str(tmp_path / "ckpt")]  # fmt: skip
@@ -46,6 +49,16 @@ def test_full_finetune_trains_the_whole_lm(tiny_repo, tmp_path):
     assert done["result"].exit_code == 0, done["result"].output[-2000:]
     summary = json.loads(done["metrics"].read_text())
     assert summary["loss_last"] < summary["loss_first"]
+    # LoRA (merged on save) changes only the projections it wraps; a full finetune moves every other LM weight
+    # too (MLPs, norms, the token embeddings), away from the stage-1 checkpoint the stage started from.
+    targets = yaml.safe_load((tiny_repo / "params.yaml").read_text())["finetune"]["lora_targets"]
+    before = load_mllm(tiny_repo / "data" / "pretrain").lm.state_dict()
+    after = load_mllm(done["out"]).lm.state_dict()
+    assert after.keys() == before.keys()
+    beyond_lora = [name for name in before if name.endswith("weight") and not any(f".{t}." in name for t in targets)]
+    assert any(".mlp." in name for name in beyond_lora) and any("embed_tokens" in name for name in beyond_lora)
+    unchanged = [name for name in beyond_lora if torch.equal(before[name], after[name])]
+    assert unchanged == [], f"full finetune left these LM weights as stage 1 had them: {unchanged}"
 
 
 def test_unknown_pretrain_source_is_a_clean_error(tiny_repo, tmp_path):

@@ -19,10 +19,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from revision.embedding_sets import EmbeddingSet, EmbeddingWriter, complete_shard_rows, positions
+from revision.embedding_sets import EmbeddingSet, EmbeddingWriter, complete_shard_rows
 from revision.encoders import batched
 from revision.images import read_rows
-from revision.layout import EMBEDDED_SETS, TEXT, EmbeddedSet, read_manifest
+from revision.layout import EMBEDDED_SETS, TEXT, EmbeddedSet, positions, read_manifest
 from revision.outputs import fingerprint
 from revision.stress import STRESS_FILE, class_direction, class_spread, shift_images
 

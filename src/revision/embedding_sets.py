@@ -23,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from revision.encoder_identity import require_same_encoder
 from revision.errors import InputError
+from revision.layout import positions
 
 FORMAT = "revision-embeddings/1"
 
@@ -74,9 +75,7 @@ class EmbeddingWriter:
     def close(self) -> dict:
         if self._buffered:
             self._flush(self._buffered)
-        duplicates = pd.Index(self.ids)[pd.Index(self.ids).duplicated()]
-        if len(duplicates):
-            raise InputError(f"{self.dir}: duplicate ids, e.g. {list(duplicates[:3])}")
+        positions(self.ids, self.dir / "ids.parquet")
         pd.DataFrame({"id": self.ids}).to_parquet(self.dir / "ids.parquet", index=False)
         index = {
             "format": FORMAT,
@@ -87,16 +86,6 @@ class EmbeddingWriter:
         }
         (self.dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")
         return index
-
-
-def positions(ids: list[str], where: str | Path) -> dict[str, int]:
-    """Row of each id; a repeated id is an ``InputError`` naming ``where`` and both rows."""
-    position: dict[str, int] = {}
-    for row, id_ in enumerate(ids):
-        if id_ in position:
-            raise InputError(f"{where}: row {row}: duplicate id {id_!r} (first at row {position[id_]})")
-        position[id_] = row
-    return position
 
 
 def _shard_name(index: int) -> str:

@@ -30,7 +30,6 @@ import pandas as pd
 
 from revision.config import flatten
 from revision.embedding_files import ProjectSetSource, gather_rows, sample_rows
-from revision.embedding_sets import positions
 from revision.errors import InputError
 from revision.layout import (
     ALIGNED_TEXT,
@@ -42,6 +41,7 @@ from revision.layout import (
     TEXT,
     TEXT_CORPUS,
     Manifest,
+    positions,
     read_manifest,
 )
 from revision.realign import Moments, RealignStats, transform, transform_images
@@ -344,7 +344,7 @@ def json_safe(report):
 def labels_for(ids: list[str], prepared: Path, manifest: Manifest) -> dict[str, list]:
     """Label columns of a prepared manifest for ``ids``, in order; every id must be there."""
     table = prepared / manifest.file
-    frame = read_manifest(prepared, manifest)
+    frame = read_manifest(prepared, manifest, needs=("id",))
     positions(frame["id"].tolist(), table)
     frame = frame.set_index("id")
     missing = pd.Index(ids).difference(frame.index)

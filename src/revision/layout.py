@@ -65,6 +65,16 @@ MANIFESTS = (ENCODER_PAIRS, TEXT_CORPUS, IMAGE_POOL, PRETRAIN_PAIRS, SFT, EVAL)
 IMAGES_DIR = "images"  # manifest image paths are relative to PREPARED and lie under this folder
 
 
+def positions(ids: list[str], where: str | Path, name_row=lambda row: f"row {row}") -> dict[str, int]:
+    """Row of each id; a repeated id is an ``InputError`` naming ``where`` and both rows."""
+    position: dict[str, int] = {}
+    for row, id_ in enumerate(ids):
+        if id_ in position:
+            raise InputError(f"{where}: {name_row(row)}: duplicate id {id_!r} (first at {name_row(position[id_])})")
+        position[id_] = row
+    return position
+
+
 def write_manifest(prepared: Path, manifest: Manifest, rows: list[dict]) -> None:
     path = prepared / manifest.file
     if path.suffix == ".json":
@@ -73,8 +83,9 @@ def write_manifest(prepared: Path, manifest: Manifest, rows: list[dict]) -> None
         pd.DataFrame(rows, columns=list(manifest.columns) if not rows else None).to_parquet(path, index=False)
 
 
-def read_manifest(prepared: Path, manifest: Manifest) -> pd.DataFrame:
-    """The manifest as a table; a missing file or column is an ``InputError`` naming the file."""
+def read_manifest(prepared: Path, manifest: Manifest, needs: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """The manifest as a table; a missing file, or a missing column of ``needs`` (by default all of the
+    manifest's), is an ``InputError`` naming the file."""
     path = prepared / manifest.file
     if not path.is_file():
         raise InputError(f"{path}: not found; run `revision prepare` first")
@@ -84,7 +95,7 @@ def read_manifest(prepared: Path, manifest: Manifest) -> pd.DataFrame:
         table = pd.read_parquet(path)
     if table.empty:
         return pd.DataFrame(columns=list(manifest.columns))
-    missing = [column for column in manifest.columns if column not in table.columns]
+    missing = [column for column in needs or manifest.columns if column not in table.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
     return table.assign(id=table["id"].astype(str))

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from revision.captions import CAPTION_PROMPTS
-from revision.embedding_sets import EmbeddingSet, positions
+from revision.embedding_sets import EmbeddingSet
 from revision.errors import InputError
 from revision.layout import (
     ALIGNED_TEXT,
@@ -29,6 +29,7 @@ from revision.layout import (
     TEXT,
     TEXT_CORPUS,
     Manifest,
+    positions,
     read_manifest,
 )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from revision.errors import InputError
 from revision.images import read_image
+from revision.layout import positions
 
 
 @dataclass
@@ -42,11 +43,7 @@ def _field(entry, key: str, where: str) -> str:
 
 
 def _unique(ids: list[str], path: Path, what: str) -> None:
-    seen: dict[str, int] = {}
-    for row, id_ in enumerate(ids):
-        if id_ in seen:
-            raise InputError(f"{path}: {what}[{row}]: duplicate id {id_!r} (first at {what}[{seen[id_]}])")
-        seen[id_] = row
+    positions(ids, path, lambda row: f"{what}[{row}]")
 
 
 def read_revision_dataset(path: str | Path) -> tuple[list[UserImage], list[dict[str, str]]]:

@@ -59,7 +59,7 @@ def _record_params(folder):
 def _install():
     kill_after = int(os.environ.get("REVISION_TEST_KILL_AFTER", "0"))
     if kill_after and STAGE == "embed":
-        from revision.embeddings import EmbeddingWriter
+        from revision.embedding_sets import EmbeddingWriter
 
         _kill_after(EmbeddingWriter, "_flush", kill_after)
     elif kill_after:
