@@ -37,7 +37,7 @@ def clean_errors(fn):
     return wrapper
 
 
-STAGES = ("prepare", "encoder", "embed", "realign", "lm", "pretrain", "finetune", "evaluate", "chat", "study")
+STAGES = ("prepare", "encoder", "embed", "realign", "lm", "pretrain", "finetune", "evaluate", "chat", "export", "study")
 
 
 def stages_to_register(argv: list[str]) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from revision import layout
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 NOT_IN_DVC = {layout.CHECKPOINTS}  # resumable state, deleted when a stage ends
+READ_THROUGH_CHECKPOINTS = {"finetune": {layout.LM}, "evaluate": {layout.LM}}  # the base LM a checkpoint names
 
 
 def _option_paths(stage: str) -> set[PurePosixPath]:
@@ -25,7 +26,7 @@ def _option_paths(stage: str) -> set[PurePosixPath]:
             if isinstance(value, Path) and value.parts[0] in ("data", "reports"):
                 if not any(value.is_relative_to(skip) for skip in NOT_IN_DVC):
                     paths.add(PurePosixPath(value.as_posix()))
-    return paths
+    return paths | {PurePosixPath(path.as_posix()) for path in READ_THROUGH_CHECKPOINTS.get(stage, ())}
 
 
 def _dvc_paths(stage: str) -> set[PurePosixPath]:

@@ -25,8 +25,8 @@ DAG_EDGES = {
     ("prepare", "embed"), ("encoder", "embed"),
     ("prepare", "realign"), ("embed", "realign"),
     ("prepare", "pretrain"), ("embed", "pretrain"), ("realign", "pretrain"), ("lm", "pretrain"),
-    ("prepare", "finetune"), ("embed", "finetune"), ("pretrain", "finetune"),
-    ("prepare", "evaluate"), ("embed", "evaluate"), ("pretrain", "evaluate"), ("finetune", "evaluate"),
+    ("prepare", "finetune"), ("embed", "finetune"), ("pretrain", "finetune"), ("lm", "finetune"),
+    ("prepare", "evaluate"), ("embed", "evaluate"), ("pretrain", "evaluate"), ("finetune", "evaluate"), ("lm", "evaluate"),
 }  # fmt: skip
 
 

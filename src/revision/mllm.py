@@ -6,8 +6,12 @@ LLaVA-style conversation (``[{"from": "human"|"gpt", "value": ...}]``, the first
 the projected vectors replace the placeholder in ``inputs_embeds``. Labels are -100 everywhere except the
 assistant answers and the end-of-turn marker that closes each one, so the loss teaches answering, not asking.
 
-On disk (``save_mllm`` / ``load_mllm``): ``lm/`` (safetensors + tokenizer + chat template), ``projector.safetensors``
-and ``mllm.json`` (the config, with the identity of the encoder whose embeddings the projector reads).
+On disk (``save_mllm`` / ``load_mllm``) a checkpoint holds what was trained, not the frozen LM it ran on:
+``projector.safetensors``, ``mllm.json`` (the config, with the identity of the encoder whose embeddings the
+projector reads and of the base LM: its folder and a digest of its files), and for the LM only what changed:
+nothing (stage 1, LM frozen), ``adapter/`` (peft LoRA weights) or ``lm/`` (a fully trained LM, or a model with
+no recorded base). Loading rebuilds the whole model and refuses a base LM that is missing or not the one the
+checkpoint was trained on. ``export_mllm`` writes a self-contained folder (``lm/`` with LoRA merged in).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from torch import nn
 from revision.config import ModelConfig
 from revision.errors import InputError
 from revision.lm import lm_path, load_lm
+from revision.outputs import tree_digest
 
 IGNORE_INDEX = -100
 IMAGE_SLOT_ID = -200  # marks visual positions in MLLMBatch.input_ids (never fed to the LM)
 LM_DIR = "lm"
+ADAPTER_DIR = "adapter"
 PROJECTOR_FILE = "projector.safetensors"
 CONFIG_FILE = "mllm.json"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -46,6 +52,7 @@ class MLLMConfig:
     system_prompt: str | None = None  # None: whatever the chat template adds by itself
     caption_prompt: str = "Describe the image briefly."
     max_length: int | None = None  # truncate longer sequences (visual prefix included) from the right
+    base_lm: dict[str, str] | None = None  # {"path", "digest"} of the LM folder the model was built on
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MLLMConfig:
@@ -266,10 +273,11 @@ def _device_of(module: nn.Module) -> torch.device:
 
 def new_mllm(lm_dir: Path, model_cfg: ModelConfig, encoder: dict, max_length: int) -> MLLM:
     """A fresh MLLM: the LM prepared by the lm stage and a new projector for ``encoder``'s embeddings."""
-    lm, tokenizer = load_lm(lm_path(lm_dir), trust_remote_code=model_cfg.trust_remote_code)
+    folder = lm_path(lm_dir)
+    lm, tokenizer = load_lm(folder, trust_remote_code=model_cfg.trust_remote_code)
     config = MLLMConfig(
         embed_dim=encoder["dim"], visual_tokens=model_cfg.visual_tokens, encoder=encoder,
-        system_prompt=model_cfg.system_prompt, max_length=max_length,
+        system_prompt=model_cfg.system_prompt, max_length=max_length, base_lm=lm_identity(folder),
     )  # fmt: skip
     return MLLM(lm, tokenizer, config)
 
@@ -292,12 +300,30 @@ def add_lora(
     return model
 
 
-def save_mllm(model: MLLM, out_dir: str | Path) -> Path:
-    """HF-style folder: lm/ (LoRA merged in), projector.safetensors, mllm.json."""
+def lm_identity(folder: Path) -> dict[str, str]:
+    """Where an LM folder is and a digest of every file in it (weights, config, tokenizer)."""
+    return {"path": str(folder), "digest": tree_digest(folder)}
+
+
+def trained_lm_part(model: MLLM) -> str:
+    """What of the LM training changed: ``adapter`` (LoRA), ``full`` (any base weight trainable) or ``none``."""
+    if hasattr(model.lm, "peft_config"):
+        return "adapter"
+    return "full" if any(p.requires_grad for p in model.lm.parameters()) else "none"
+
+
+def save_mllm(model: MLLM, out_dir: str | Path, self_contained: bool = False) -> Path:
+    """The projector, mllm.json and what of the LM was trained (see the module docstring). A model with no
+    recorded base LM, or ``self_contained``, gets the whole LM (LoRA merged in) under ``lm/``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _plain_lm(model.lm).save_pretrained(out_dir / LM_DIR, safe_serialization=True)
-    model.tokenizer.save_pretrained(out_dir / LM_DIR)
+    part = trained_lm_part(model)
+    if self_contained or model.config.base_lm is None or part == "full":
+        _plain_lm(model.lm).save_pretrained(out_dir / LM_DIR, safe_serialization=True)
+        model.tokenizer.save_pretrained(out_dir / LM_DIR)
+    elif part == "adapter":
+        model.lm.save_pretrained(out_dir / ADAPTER_DIR, safe_serialization=True)
+        _record_base_path(out_dir / ADAPTER_DIR, model.config.base_lm["path"])
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.projector.state_dict().items()}
     save_file(state, str(out_dir / PROJECTOR_FILE))
     config = {**asdict(model.config), "hidden_size": model.projector.hidden_size}
@@ -306,15 +332,57 @@ def save_mllm(model: MLLM, out_dir: str | Path) -> Path:
 
 
 def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
+    """The whole model a checkpoint describes: its own ``lm/``, or its base LM (checked against the recorded
+    digest) with the ``adapter/`` merged in when there is one."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise InputError(f"{path} is not an MLLM folder (no {CONFIG_FILE})")
     values = json.loads((path / CONFIG_FILE).read_text())
     config = MLLMConfig.from_dict(values)
-    lm, tokenizer = load_lm(path / LM_DIR)
+    if (path / LM_DIR).is_dir():
+        lm, tokenizer = load_lm(path / LM_DIR)
+    else:
+        lm, tokenizer = load_lm(_base_lm_folder(path, config.base_lm))
+        if (path / ADAPTER_DIR).is_dir():
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, path / ADAPTER_DIR).merge_and_unload()
     projector = Projector(config.embed_dim, values["hidden_size"], config.visual_tokens)
     projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
     return MLLM(lm.to(device), tokenizer, config, projector)
+
+
+def export_mllm(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A self-contained copy of ``checkpoint``: the whole LM (LoRA merged) under ``lm/``, no base LM needed."""
+    return save_mllm(load_mllm(checkpoint), out_dir, self_contained=True)
+
+
+def _record_base_path(adapter_dir: Path, base_path: str) -> None:
+    # peft records where the LM was loaded from (an absolute path of this checkout, when read beside a
+    # checkpoint) in its config and in a generated model card, and lists the target modules in set order; the
+    # base as the checkpoint records it and a sorted list keep the saved bytes the same wherever the stage ran
+    config = adapter_dir / "adapter_config.json"
+    values = json.loads(config.read_text())
+    values["base_model_name_or_path"] = base_path
+    if isinstance(values.get("target_modules"), list):  # peft keeps a set: its order follows the hash seed
+        values["target_modules"] = sorted(values["target_modules"])
+    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    (adapter_dir / "README.md").unlink(missing_ok=True)
+
+
+def _base_lm_folder(checkpoint: Path, base: dict | None) -> Path:
+    if not base:
+        raise InputError(f"{checkpoint}: has neither {LM_DIR}/ nor a recorded base LM in {CONFIG_FILE}")
+    folder = Path(base["path"])
+    if not folder.is_absolute() and not folder.is_dir():  # data/lm as a stage saw it, read from elsewhere
+        folder = next((root / folder for root in checkpoint.resolve().parents if (root / folder).is_dir()), folder)
+    if not folder.is_dir():
+        raise InputError(f"{checkpoint}: its base LM {folder} is missing; run `revision lm` (or `dvc pull`) to "
+                         f"rebuild it, or `revision export` the checkpoint where the base LM is")
+    if tree_digest(folder) != base["digest"]:
+        raise InputError(f"{checkpoint}: the LM at {folder} is not the one it was trained on (its files differ "
+                         f"from digest {base['digest'][:12]}); re-run the training stages on this LM")
+    return folder
 
 
 def _plain_lm(lm: nn.Module) -> nn.Module:
