@@ -82,8 +82,8 @@ def standalone_config(params: Path, overrides: dict) -> tuple[Recipe, int]:
     """The recipe and chunk size of a standalone run: the full ReAlign recipe (``Recipe()``) and 1024-row
     chunks, overridden by the params file's realign block where it has one, then by the command line."""
     settings = {**asdict(Recipe()), "chunk_rows": 1024}
-    if params.exists() and read_params(params).get(NAME) is not None:
-        settings.update(read_params(params)[NAME])
+    block = read_params(params).get(NAME) if params.exists() else None
+    settings.update(block or {})
     fields = {name: (field.annotation, field) for name, field in RealignConfig.model_fields.items() if name in settings}
     unknown = sorted(set(settings) - set(fields))
     if unknown:
