@@ -9,9 +9,6 @@ import typer
 
 from revision import layout
 from revision.encoder_identity import require_same_encoder
-from revision.encoders import load_encoder
-from revision.images import read_image
-from revision.mllm import load_mllm
 
 NAME = "chat"
 HELP = (
@@ -28,6 +25,10 @@ def main(
     encoder_dir: Path = typer.Option(layout.ENCODER, help="the encoder the checkpoint was trained on"),
     max_new_tokens: int = typer.Option(48, help="longest answer in tokens"),
 ) -> None:
+    from revision.encoders import load_encoder
+    from revision.images import read_image
+    from revision.mllm import load_mllm
+
     model = load_mllm(checkpoint)
     encoder, identity = load_encoder(encoder_dir)
     fix = "pass the matching --encoder-dir"

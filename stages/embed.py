@@ -9,8 +9,6 @@ import typer
 
 from revision import layout
 from revision.config import EmbedConfig, describe, load_stage_config, read_params
-from revision.embed import embed_jobs, jobs_from_manifests
-from revision.encoders import load_encoder
 from revision.outputs import atomic_dir, write_json
 from revision.tracking import stage_run
 
@@ -32,6 +30,9 @@ def main(
     metrics: Path = typer.Option(layout.stage_metrics(NAME), help="DVC metrics file"),
 ) -> None:
     from accelerate import Accelerator
+
+    from revision.embed import embed_jobs, jobs_from_manifests
+    from revision.encoders import load_encoder
 
     cfg: EmbedConfig = load_stage_config(NAME, params)
     accelerator = Accelerator()

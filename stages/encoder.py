@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-import torch
 import typer
 
 from revision import layout
 from revision.config import EncoderConfig, describe, load_stage_config, read_params
-from revision.contrastive import fit_lit_heads
-from revision.encoders import LitEncoder, build_encoder, save_encoder
 from revision.outputs import atomic_dir, atomic_file, write_json
 from revision.tracking import stage_run
-from revision.zeroshot import evaluate_encoder
 
 NAME = "encoder"
 HELP = (
@@ -32,6 +27,13 @@ def main(
     metrics: Path = typer.Option(layout.stage_metrics(NAME), help="DVC metrics file"),
     loss_plot: Path = typer.Option(layout.loss_curve(NAME), help="contrastive loss per epoch (DVC plot)"),
 ) -> None:
+    import pandas as pd
+    import torch
+
+    from revision.contrastive import fit_lit_heads
+    from revision.encoders import LitEncoder, build_encoder, save_encoder
+    from revision.zeroshot import evaluate_encoder
+
     cfg: EncoderConfig = load_stage_config(NAME, params)
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(cfg)

@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import typer
 
 from revision import layout
 from revision.config import EvaluateConfig, describe, load_stage_config, read_params
-from revision.embedding_sets import EmbeddingSet
 from revision.errors import InputError
-from revision.evaluate import CaptionScorer, EvalSet, check_checkpoint_encoder, evaluate_model, load_eval_set
-from revision.mllm import load_mllm
 from revision.outputs import atomic_dir, write_json
 from revision.tracking import stage_run
 
@@ -37,13 +33,6 @@ def checkpoint_names(checkpoints: list[Path]) -> list[str]:
     if len(set(names)) != len(names):
         raise InputError(f"checkpoints must have distinct folder names, got {names}")
     return names
-
-
-def score_checkpoint(
-    checkpoint: Path, eval_set: EvalSet, cfg: EvaluateConfig, scorer: CaptionScorer
-) -> tuple[dict[str, float], list[dict]]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return evaluate_model(load_mllm(checkpoint, device), eval_set, cfg, scorer)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -84,6 +73,12 @@ def main(
         layout.EVALUATE_REPORTS, help="folder (replaced as a whole) of <checkpoint name>.jsonl prediction rows"
     ),
 ) -> None:
+    import torch
+
+    from revision.embedding_sets import EmbeddingSet
+    from revision.evaluate import CaptionScorer, check_checkpoint_encoder, evaluate_model, load_eval_set
+    from revision.mllm import load_mllm
+
     cfg: EvaluateConfig = load_stage_config(NAME, params)
     images = EmbeddingSet(embeddings / layout.EVAL_IMAGES.name)
     names = checkpoint_names(checkpoints)
@@ -95,7 +90,8 @@ def main(
     with stage_run(NAME, read_params(params)[NAME]) as run:
         with CaptionScorer() as scorer, atomic_dir(predictions) as tmp:
             for name, checkpoint in zip(names, checkpoints):
-                results[name], rows = score_checkpoint(checkpoint, eval_set, cfg, scorer)
+                model = load_mllm(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+                results[name], rows = evaluate_model(model, eval_set, cfg, scorer)
                 write_jsonl(tmp / f"{name}.jsonl", rows)
                 run.log_metrics({f"{name}/{key}": value for key, value in results[name].items()})
             if metrics_inside is not None:

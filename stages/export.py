@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from revision import layout
-from revision.mllm import export_mllm
 from revision.outputs import atomic_dir
 
 NAME = "export"
@@ -23,6 +22,8 @@ def main(
     checkpoint: Path = typer.Option(layout.FINETUNE, help="the checkpoint to export"),
     out: Path = typer.Option(..., help="output folder (replaced atomically)"),
 ) -> None:
+    from revision.mllm import export_mllm
+
     with atomic_dir(out) as tmp:
         export_mllm(checkpoint, tmp)
     typer.echo(f"export: wrote {out} (self-contained) from {checkpoint}")

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-from accelerate.utils import set_seed
 
 from revision import layout
 from revision.config import FinetuneConfig, describe, load_stage_config, read_params
-from revision.embedding_sets import EmbeddingSet
 from revision.encoder_identity import require_same_encoder
-from revision.mllm import MLLM, add_lora, load_mllm
 from revision.outputs import fingerprint, tree_digest
 from revision.tracking import stage_run
-from revision.train import StageOutputs, make_accelerator, train_and_save
-from revision.training_data import sft_samples
+
+if TYPE_CHECKING:  # imported where used: `revision --help` stays fast
+    from revision.mllm import MLLM
 
 NAME = "finetune"
 HELP = (
@@ -28,6 +27,8 @@ HELP = (
 
 def load_finetunable(pretrained: Path, cfg: FinetuneConfig) -> MLLM:
     """The stage-1 model with what stage 2 trains switched on: LoRA adapters or the whole LM."""
+    from revision.mllm import add_lora, load_mllm
+
     model = load_mllm(pretrained)
     model.config.max_length = cfg.max_length
     if cfg.lora:
@@ -47,6 +48,12 @@ def main(
     metrics: Path = typer.Option(layout.stage_metrics(NAME), help="DVC metrics file"),
     loss_plot: Path = typer.Option(layout.loss_curve(NAME), help="per-step loss and lr (DVC plot)"),
 ) -> None:
+    from accelerate.utils import set_seed
+
+    from revision.embedding_sets import EmbeddingSet
+    from revision.train import StageOutputs, make_accelerator, train_and_save
+    from revision.training_data import sft_samples
+
     cfg: FinetuneConfig = load_stage_config(NAME, params)
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)

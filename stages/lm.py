@@ -10,7 +10,6 @@ import typer
 from revision import layout
 from revision.config import ModelConfig, describe, load_stage_config, read_params
 from revision.errors import InputError
-from revision.lm import LM_POINTER, bundled_gguf_path, convert_gguf, tiny_lm
 from revision.outputs import atomic_dir
 from revision.tracking import stage_run
 
@@ -27,6 +26,8 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'model' block"),
     out: Path = typer.Option(layout.LM, help="output folder"),
 ) -> None:
+    from revision.lm import LM_POINTER, bundled_gguf_path, convert_gguf, tiny_lm
+
     cfg: ModelConfig = load_stage_config("model", params)
     with stage_run(NAME, read_params(params)["model"]), atomic_dir(out) as tmp:
         if cfg.lm == "bundled":

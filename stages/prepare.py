@@ -9,7 +9,6 @@ import typer
 from revision import layout
 from revision.config import PrepareConfig, describe, load_stage_config, read_params
 from revision.outputs import atomic_dir, write_json
-from revision.prepare import distinct_corpus_texts, prepare
 from revision.tracking import stage_run
 
 NAME = "prepare"
@@ -26,6 +25,8 @@ def main(
     out: Path = typer.Option(layout.PREPARED, help="output folder (replaced atomically)"),
     metrics: Path = typer.Option(layout.stage_metrics(NAME), help="split sizes as a DVC metrics file"),
 ) -> None:
+    from revision.prepare import distinct_corpus_texts, prepare
+
     cfg = load_stage_config(NAME, params)
     with stage_run(NAME, read_params(params)[NAME]) as run, atomic_dir(out) as tmp:
         counts = prepare(cfg, tmp)

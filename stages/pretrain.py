@@ -6,15 +6,11 @@ import json
 from pathlib import Path
 
 import typer
-from accelerate.utils import set_seed
 
 from revision import layout
 from revision.config import ModelConfig, PretrainConfig, describe, load_stage_config, read_params
-from revision.mllm import freeze_lm, new_mllm
 from revision.outputs import fingerprint
 from revision.tracking import stage_run
-from revision.train import StageOutputs, make_accelerator, train_and_save
-from revision.training_data import stage1_samples
 
 NAME = "pretrain"
 HELP = (
@@ -36,6 +32,12 @@ def main(
     metrics: Path = typer.Option(layout.stage_metrics(NAME), help="DVC metrics file"),
     loss_plot: Path = typer.Option(layout.loss_curve(NAME), help="per-step loss and lr (DVC plot)"),
 ) -> None:
+    from accelerate.utils import set_seed
+
+    from revision.mllm import freeze_lm, new_mllm
+    from revision.train import StageOutputs, make_accelerator, train_and_save
+    from revision.training_data import stage1_samples
+
     cfg: PretrainConfig = load_stage_config(NAME, params)
     model_cfg: ModelConfig = load_stage_config("model", params)
     accelerator = make_accelerator(cfg)

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from pydantic import ValidationError, create_model
 
 from revision import layout
 from revision.config import RealignConfig, Strict, describe, load_stage_config, read_params
-from revision.embedding_files import ProjectSetSource
 from revision.errors import InputError
-from revision.gap import centroid_gap, check_paired, flat_metrics, json_safe, layout_report_inputs, realign_report
 from revision.outputs import atomic_dir, write_json
-from revision.realign import Recipe, align_to_embedding_set, apply_files, check_encoders, fit, fit_files, recipe_from, save_stats
 from revision.tracking import stage_run
+
+if TYPE_CHECKING:  # imported where used: `revision --help` stays fast
+    from revision.realign import Recipe
 
 NAME = "realign"
 PIPELINE_SETS = (layout.TEXT, layout.IMAGE_POOL_IMAGES, layout.EVAL_TEXT, layout.EVAL_IMAGES)
@@ -53,6 +52,9 @@ def main(
     out: Path = typer.Option(layout.REALIGN, help="pipeline: output folder (replaced atomically)"),
     reports: Path = typer.Option(layout.REALIGN_REPORTS, help="pipeline: report folder (replaced atomically)"),
 ) -> None:
+    from revision.gap import centroid_gap
+    from revision.realign import apply_files, fit_files
+
     settings = {"method": method, "anchor": anchor, "trace": trace, "centroid": centroid,
                 "noise_std": noise_std, "seed": seed, "shrinkage": shrinkage}
     settings = {k: v for k, v in settings.items() if v is not None}
@@ -81,6 +83,10 @@ def main(
 def standalone_config(params: Path, overrides: dict) -> tuple[Recipe, int]:
     """The recipe and chunk size of a standalone run: the full ReAlign recipe (``Recipe()``) and 1024-row
     chunks, overridden by the params file's realign block where it has one, then by the command line."""
+    from pydantic import ValidationError, create_model
+
+    from revision.realign import Recipe, recipe_from
+
     settings = {**asdict(Recipe()), "chunk_rows": 1024}
     block = read_params(params).get(NAME) if params.exists() else None
     settings.update(block or {})
@@ -97,6 +103,10 @@ def standalone_config(params: Path, overrides: dict) -> tuple[Recipe, int]:
 
 
 def run_pipeline(params: Path, embeddings: Path, prepared: Path, out: Path, reports: Path) -> None:
+    from revision.embedding_files import ProjectSetSource
+    from revision.gap import check_paired, flat_metrics, json_safe, layout_report_inputs, realign_report
+    from revision.realign import align_to_embedding_set, check_encoders, fit, recipe_from, save_stats
+
     cfg = load_stage_config(NAME, params)
     sets = {spec.name: ProjectSetSource(embeddings / spec.name) for spec in PIPELINE_SETS}
     text, images = sets[layout.TEXT.name], sets[layout.IMAGE_POOL_IMAGES.name]

@@ -125,6 +125,19 @@ def test_exactly_one_placeholder_is_required(model, first_turn):
         model.build_inputs(embeddings(1), [conversation])
 
 
+def test_loss_and_answer_nll_equal_the_full_logits_cross_entropy(model):
+    """The LM head runs only where an answer token is predicted; the numbers must not change."""
+    emb = embeddings(2)
+    batch = model.build_inputs(emb, CONVERSATIONS)
+    logits = model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits[:, :-1]
+    labels = batch.labels[:, 1:]
+    per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # 0 where ignored
+    nll, count = model.answer_nll(emb, CONVERSATIONS)
+    assert count.tolist() == (labels != IGNORE_INDEX).sum(dim=1).tolist()
+    assert torch.allclose(nll, per_token.sum(dim=1), atol=1e-4)
+    assert torch.allclose(model(emb, CONVERSATIONS), per_token.sum() / count.sum(), atol=1e-5)
+
+
 def test_projector_steps_with_frozen_lm_lower_the_loss(model):
     freeze_lm(model)
     lm_before = {name: p.detach().clone() for name, p in model.lm.named_parameters()}

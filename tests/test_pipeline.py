@@ -54,7 +54,7 @@ def test_embeddings_are_normalized_complete_and_tagged_with_the_encoder(tiny_rep
     vectors = emb.load()
     assert vectors.dtype == np.float32 and vectors.shape == (len(text), identity["dim"])
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    for name in ("image_pool", "eval_images", "eval_text", "sft_images", "pretrain_images", "encoder_images"):
+    for name in ("image_pool", "eval_images", "eval_text", "sft_images", "pretrain_images"):
         assert EmbeddingSet(tiny_repo / "data" / "embeddings" / name).encoder == identity
 
 

@@ -55,7 +55,7 @@ def test_embed_with_stress_shifts_every_image_set_and_no_text(tiny_repo, tmp_pat
     np.testing.assert_allclose(record["direction"], direction, atol=1e-6)
     for name in ("text", "eval_text"):
         np.testing.assert_array_equal(EmbeddingSet(out / name).load(), EmbeddingSet(plain / name).load())
-    for name in ("image_pool", "eval_images", "sft_images", "pretrain_images", "encoder_images"):
+    for name in ("image_pool", "eval_images", "sft_images", "pretrain_images"):
         expected = shift_images(torch.from_numpy(EmbeddingSet(plain / name).load()), direction, 0.8).numpy()
         np.testing.assert_allclose(EmbeddingSet(out / name).load(), expected, atol=1e-5)
     pool_mean = lambda folder: EmbeddingSet(folder / "image_pool").load().mean(0)  # noqa: E731

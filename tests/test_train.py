@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
 from revision.train import LoopConfig, train
@@ -23,6 +24,14 @@ def _model():
     return torch.nn.Linear(5, 1)
 
 
+def _model_with_frozen_base():
+    """A frozen first layer (the LM's role) under a trained head (the projector's)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Linear(5, 1))
+    model[0].requires_grad_(False)
+    return model
+
+
 def _loss(model, batch):
     x, y = batch
     return torch.nn.functional.mse_loss(model(x).squeeze(-1), y)
@@ -38,8 +47,9 @@ def test_loss_goes_down(tmp_path):
     assert history[-1]["loss"] < 0.2 * history[0]["loss"]
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path):
-    reference = _model()
+@pytest.mark.parametrize("make_model", [_model, _model_with_frozen_base])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, make_model):
+    reference = make_model()
     _, full = train(reference, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "a", "fp")
 
     calls = {"n": 0}
@@ -51,11 +61,14 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
         return _loss(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        train(_model(), _data(), _collate, crashing_loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
-    resumed_model = _model()
+        train(make_model(), _data(), _collate, crashing_loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
+    saved = load_file(tmp_path / "b" / "state" / "model.safetensors")
+    assert set(saved) == {name for name, param in reference.named_parameters() if param.requires_grad}
+    resumed_model = make_model()
     _, resumed = train(resumed_model, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6)
-    torch.testing.assert_close(resumed_model.weight, reference.weight)
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], tensor)
 
 
 def test_checkpoint_of_other_params_is_ignored(tmp_path):

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from revision.errors import InputError
+
+if TYPE_CHECKING:  # pandas is imported by the two functions that use it: stage commands' --help stays fast
+    import pandas as pd
 
 # ------------------------------------------------------------------------------------------ stage folders
 
@@ -76,6 +78,8 @@ def positions(ids: list[str], where: str | Path, name_row=lambda row: f"row {row
 
 
 def write_manifest(prepared: Path, manifest: Manifest, rows: list[dict]) -> None:
+    import pandas as pd
+
     path = prepared / manifest.file
     if path.suffix == ".json":
         path.write_text(json.dumps(rows, indent=1))
@@ -86,6 +90,8 @@ def write_manifest(prepared: Path, manifest: Manifest, rows: list[dict]) -> None
 def read_manifest(prepared: Path, manifest: Manifest, needs: tuple[str, ...] | None = None) -> pd.DataFrame:
     """The manifest as a table; a missing file, or a missing column of ``needs`` (by default all of the
     manifest's), is an ``InputError`` naming the file."""
+    import pandas as pd
+
     path = prepared / manifest.file
     if not path.is_file():
         raise InputError(f"{path}: not found; run `revision prepare` first")
@@ -120,11 +126,11 @@ class EmbeddedSet:
 
 TEXT = EmbeddedSet("text", TEXT_CORPUS, "text")
 IMAGE_POOL_IMAGES = EmbeddedSet("image_pool", IMAGE_POOL, "image")
-ENCODER_IMAGES = EmbeddedSet("encoder_images", ENCODER_PAIRS, "image")
 PRETRAIN_IMAGES = EmbeddedSet("pretrain_images", PRETRAIN_PAIRS, "image")
 EVAL_IMAGES = EmbeddedSet("eval_images", EVAL, "image")
 SFT_IMAGES = EmbeddedSet("sft_images", SFT, "image")
 EVAL_TEXT = EmbeddedSet("eval_text", EVAL, "captions", first_item=True)  # same ids as EVAL_IMAGES
-EMBEDDED_SETS = (TEXT, IMAGE_POOL_IMAGES, ENCODER_IMAGES, PRETRAIN_IMAGES, EVAL_IMAGES, SFT_IMAGES, EVAL_TEXT)
+# The encoder split is not embedded: the encoder stage trains on it and nothing downstream reads it.
+EMBEDDED_SETS = (TEXT, IMAGE_POOL_IMAGES, PRETRAIN_IMAGES, EVAL_IMAGES, SFT_IMAGES, EVAL_TEXT)
 
 ALIGNED_TEXT = "aligned_text"  # under REALIGN: TEXT mapped by the fitted alignment, same ids and order

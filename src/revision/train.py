@@ -53,9 +53,17 @@ def _resume(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str) -> list[
     progress = json.loads(meta.read_text())
     if progress.get("fingerprint") != fingerprint:
         return []
-    accelerator.load_state(str(ckpt_dir / "state"))
+    accelerator.load_state(str(ckpt_dir / "state"), strict=False)  # the frozen weights are not in it
     accelerator.print(f"resuming from the checkpoint at step {len(progress['history'])} in {ckpt_dir}")
     return progress["history"]
+
+
+def _trained_weights_only(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+    """Accelerate's save hook: a checkpoint keeps the weights being trained, not the frozen LM (half a GB
+    written every ``checkpoint_every`` steps for nothing). DeepSpeed and FSDP save their own way (no weights)."""
+    for i, state in enumerate(weights):
+        trained = {name for name, param in models[i].named_parameters() if param.requires_grad}
+        weights[i] = {name: tensor for name, tensor in state.items() if name in trained}
 
 
 def _checkpoint(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str, history: list[dict]) -> None:
@@ -90,6 +98,7 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.register_save_state_pre_hook(_trained_weights_only)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     history = _resume(accelerator, ckpt_dir, fingerprint)
     step = len(history)
