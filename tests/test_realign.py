@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 from revision.errors import InputError
 from revision.realign import (
     METHODS,
+    RealignRows,
     Recipe,
+    align_to_embedding_set,
     align_to_npy,
     apply_files,
     c3_noise,
@@ -216,6 +218,22 @@ def test_chunked_equals_unchunked(pair, tmp_path, method):
     large, _ = aligned(*pair, tmp_path, chunk_rows=10**6, method=method)
     # sums taken in another order may differ in the last float64 bits, never more than a float32 ulp
     assert np.abs(small - large).max() <= 1.2e-7
+
+
+def test_embedding_set_output_equals_the_npy_output(tmp_path):
+    vectors = synthetic(100, 8, 1.0, 0.3, 1)
+    text = open_embeddings(project_set(tmp_path / "text", vectors, shard_size=40))
+    stats = fit(text, open_embeddings(project_set(tmp_path / "img", synthetic(60, 8, 1.0, 0.8, 2))), Recipe(), 7)
+    align_to_embedding_set(text, stats, tmp_path / "out", 7)  # several 7-row chunks per 40-row shard
+    align_to_npy(text, stats, tmp_path / "out.npy", 7)
+    np.testing.assert_array_equal(open_embeddings(tmp_path / "out").set.load(), np.load(tmp_path / "out.npy"))
+
+
+def test_the_direct_path_for_near_zero_rows_gives_the_same_output(pair, tmp_path, monkeypatch):
+    fast, _ = aligned(*pair, tmp_path, chunk_rows=100)
+    monkeypatch.setattr(RealignRows, "TINY", np.inf)  # every chunk takes the float64 fallback
+    direct, _ = aligned(*pair, tmp_path / "direct", chunk_rows=100)
+    assert np.abs(fast - direct).max() <= TOL
 
 
 @pytest.mark.parametrize("method", METHODS)

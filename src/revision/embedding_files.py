@@ -41,13 +41,6 @@ class EmbeddingSource:
         raise NotImplementedError
 
 
-def _read_exact(handle, nbytes: int, path: Path) -> bytes:
-    data = handle.read(nbytes)
-    if len(data) != nbytes:
-        raise InputError(f"{path}: file is truncated")
-    return data
-
-
 class RawRowsSource(EmbeddingSource):
     """Row-major numbers at a byte offset of a file, read with plain reads (no memory map, so no page of
     the file stays in this process's resident set)."""
@@ -56,13 +49,16 @@ class RawRowsSource(EmbeddingSource):
         self.path, self.offset, self.dtype, self.count, self.dim = path, offset, np.dtype(dtype), count, dim
 
     def chunks(self, chunk_rows: int) -> Iterator[Chunk]:
+        """Chunks read into one reused buffer: each chunk's values are valid until the next is asked for."""
         row_bytes = self.dim * self.dtype.itemsize
+        buffer = memoryview(bytearray(min(chunk_rows, self.count) * row_bytes))
         with open(self.path, "rb") as handle:
             handle.seek(self.offset)
             for start in range(0, self.count, chunk_rows):
                 rows = min(chunk_rows, self.count - start)
-                raw = _read_exact(handle, rows * row_bytes, self.path)
-                values = np.frombuffer(raw, dtype=self.dtype).reshape(rows, self.dim)
+                if handle.readinto(buffer[:rows * row_bytes]) != rows * row_bytes:
+                    raise InputError(f"{self.path}: file is truncated")
+                values = np.frombuffer(buffer[:rows * row_bytes], dtype=self.dtype).reshape(rows, self.dim)
                 yield Chunk(self.path, start, start, values)
 
 
@@ -234,25 +230,62 @@ def _describe_row(chunk: Chunk, index: int, source: EmbeddingSource) -> str:
     return where
 
 
-def normalized_chunks(source: EmbeddingSource, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (first row, rows L2-normalized in float64); a non-finite or zero-norm row is an InputError."""
-    seen = 0
+def checked_chunks(
+    source: EmbeddingSource, chunk_rows: int, dtype: type = np.float64
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (first row, rows as ``dtype``, their L2 norms); a non-finite or zero-norm row is an InputError.
+    Callers that only need weighted sums of the unit rows can skip dividing by the norms.
+
+    The rows live in a buffer reused for every chunk (fresh multi-MB arrays per chunk cost page faults), the
+    source's own where it already holds ``dtype``: they are the caller's to change, and valid until the next
+    chunk is asked for. A chunk whose norms are
+    bad in ``dtype`` is redone in float64 (a float32 norm overflows long before float64's) and comes out so.
+    """
+    seen, buffer = 0, np.empty((0, source.dim), dtype=dtype)
     for chunk in source.chunks(chunk_rows):
-        x = np.array(chunk.values, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != source.dim:
-            raise InputError(f"{chunk.file}: rows of width {x.shape[-1]}, expected {source.dim}")
-        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-        bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
-        if len(bad):
-            i = int(bad[0])
-            problem = "has non-finite values" if not np.isfinite(x[i]).all() else (
-                "has zero norm" if norms[i] == 0 else "has a norm that overflows")
-            raise InputError(f"{_describe_row(chunk, i, source)} {problem}; embeddings must be finite and non-zero")
-        x /= norms[:, None]
-        yield chunk.row, x
+        values = np.asarray(chunk.values)
+        if values.ndim != 2 or values.shape[1] != source.dim:
+            raise InputError(f"{chunk.file}: rows of width {values.shape[-1]}, expected {source.dim}")
+        if values.dtype == dtype and values.flags.writeable:
+            x = values
+        else:
+            if len(values) > len(buffer):
+                buffer = np.empty((len(values), source.dim), dtype=dtype)
+            x = buffer[:len(values)]
+            x[...] = values
+        norms = _row_norms(x)
+        if not (np.isfinite(norms) & (norms > 0)).all():
+            x = values.astype(np.float64)
+            norms = _checked_norms(x, chunk, source)
+        yield chunk.row, x, norms
         seen += len(x)
     if seen != source.count:
         raise InputError(f"{source.path}: read {seen} rows but its header says {source.count}")
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.float64:
+        return np.sqrt(np.einsum("ij,ij->i", x, x))
+    return np.linalg.norm(x, axis=1)  # pairwise sums: einsum's float32 accumulation loses ~3x more
+
+
+def _checked_norms(x: np.ndarray, chunk: Chunk, source: EmbeddingSource) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
+    if len(bad):
+        i = int(bad[0])
+        problem = "has non-finite values" if not np.isfinite(x[i]).all() else (
+            "has zero norm" if norms[i] == 0 else "has a norm that overflows")
+        raise InputError(f"{_describe_row(chunk, i, source)} {problem}; embeddings must be finite and non-zero")
+    return norms
+
+
+def normalized_chunks(source: EmbeddingSource, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (first row, rows L2-normalized in float64, valid until the next chunk); a non-finite or zero-norm
+    row is an InputError."""
+    for first_row, x, norms in checked_chunks(source, chunk_rows):
+        x /= norms[:, None]
+        yield first_row, x
 
 
 def gather_rows(source: EmbeddingSource, rows: np.ndarray, chunk_rows: int) -> np.ndarray:

@@ -3,7 +3,9 @@
 Everything works on L2-normalized rows with float64 accumulators, streaming chunk by chunk so memory stays
 flat however many rows there are. A fit is one pass over each modality (for unit vectors the mean and the
 trace come from one pass: trace = mean ||x||^2 - ||mu||^2), plus one more text pass for ``mu_hat`` when the
-centroid step is on; writing the aligned text is one final pass.
+centroid step is on; writing the aligned text is one final pass. The means are taken in float64; the
+``realign`` map itself (the ``mu_hat`` pass and the output) runs on float32 rows through per-row scalars
+(``RealignRows``), its sums still in float64: the output is float32 either way.
 
 Methods (``Recipe.method``):
 
@@ -32,7 +34,13 @@ from typing import Callable
 
 import numpy as np
 
-from revision.embedding_files import EmbeddingSource, ProjectSetSource, normalized_chunks, open_embeddings
+from revision.embedding_files import (
+    EmbeddingSource,
+    ProjectSetSource,
+    checked_chunks,
+    normalized_chunks,
+    open_embeddings,
+)
 from revision.embedding_sets import EmbeddingWriter
 from revision.encoder_identity import require_same_encoder
 from revision.errors import InputError
@@ -61,6 +69,13 @@ class Moments:
         if self.outer is not None:
             self.outer += x.T @ x
 
+    def add_weighted(self, weights: np.ndarray, x: np.ndarray, offset: np.ndarray | None = None) -> None:
+        """Add rows ``weights[i] * x[i] (+ offset)`` without forming them (no covariance)."""
+        self.count += len(x)
+        self.sum += np.einsum("i,ij->j", weights, x)  # einsum, not BLAS: BLAS threads cost more than they give here
+        if offset is not None:
+            self.sum += offset
+
     @property
     def mean(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
@@ -79,8 +94,12 @@ class Moments:
 
 def moments_of(source: EmbeddingSource, chunk_rows: int, covariance: bool = False) -> Moments:
     moments = Moments(source.dim, covariance)
-    for _, x in normalized_chunks(source, chunk_rows):
-        moments.add(x)
+    if covariance:
+        for _, x in normalized_chunks(source, chunk_rows):
+            moments.add(x)
+    else:
+        for _, x, norms in checked_chunks(source, chunk_rows):
+            moments.add_weighted(1 / norms, x)
     if moments.count == 0:
         raise InputError(f"{source.path}: no embeddings")
     return moments
@@ -165,8 +184,13 @@ def fit(text: EmbeddingSource, image: EmbeddingSource, recipe: Recipe, chunk_row
 
 def _mean_after_first_step(text: EmbeddingSource, stats: RealignStats, chunk_rows: int) -> np.ndarray:
     moments = Moments(stats.dim)
-    for _, x in normalized_chunks(text, chunk_rows):
-        moments.add(_anchor_trace(x, stats))
+    steps = RealignRows(stats, centroid=False)
+    for _, x, norms in checked_chunks(text, chunk_rows, np.float32):
+        coefficients = steps.coefficients(x, norms)
+        if coefficients is None:
+            moments.add(_anchor_trace(_unit64(x), stats))
+        else:
+            moments.add_weighted(*steps.sum_terms(*coefficients, x))
     return moments.mean
 
 
@@ -208,6 +232,53 @@ def _anchor_trace(x: np.ndarray, stats: RealignStats) -> np.ndarray:
         y *= stats.scale
     y += stats.target
     return _normalize_rows(y)
+
+
+class RealignRows:
+    """The realign steps as per-row scalars, so a chunk is mapped without full-width temporaries.
+
+    For a raw row ``r`` with unit ``t = r / |r|``: ``y = s t + c`` with ``c = target - s mu_txt``, and as
+    ``|t| = 1``, ``|y|^2 = s^2 + 2 s (t.c) + c.c``; then ``h = y / |y|`` and, with ``d = target - mu_hat``,
+    ``|h + d|^2 = 1 + 2 (h.d) + d.d``. So ``out = alpha r + k @ [c; d]``, where the per-row ``alpha`` and
+    ``k`` come from the dot products of ``r`` with ``c`` and ``d``. The rows may be float32 (the per-row
+    scalars and all sums stay float64). Rows whose intermediate norm is tiny (cancellation) get ``None``:
+    the caller then takes the direct float64 path, which also reports zero vectors.
+    """
+
+    TINY = 1e-6
+
+    def __init__(self, stats: RealignStats, centroid: bool):
+        self.scale = stats.scale if stats.recipe.trace else 1.0
+        c = stats.target - self.scale * stats.mu_txt
+        self.basis = np.stack([c, stats.target - stats.mu_hat]) if centroid else c[None]
+        self.gram = self.basis @ self.basis.T
+
+    def coefficients(self, x: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(alpha, k)`` for raw rows ``x`` with L2 norms ``norms``, or None where the direct path is needed."""
+        s, norms = self.scale, norms.astype(np.float64)
+        dots = np.einsum("ij,kj->ik", x, self.basis.astype(x.dtype)) / norms[:, None]  # t.c (and t.d)
+        y2 = s * s + 2 * s * dots[:, 0] + self.gram[0, 0]
+        if not (y2 > self.TINY).all():
+            return None
+        inv_y = 1 / np.sqrt(y2)
+        alpha, k = s * inv_y, inv_y[:, None]  # h = alpha t + k @ [c]
+        if len(self.basis) == 2:
+            z2 = 1 + 2 * (alpha * dots[:, 1] + inv_y * self.gram[0, 1]) + self.gram[1, 1]
+            if not (z2 > self.TINY).all():
+                return None
+            inv_z = 1 / np.sqrt(z2)
+            alpha, k = alpha * inv_z, np.column_stack([inv_y * inv_z, inv_z])
+        return alpha / norms, k
+
+    def sum_terms(self, alpha: np.ndarray, k: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Arguments for ``Moments.add_weighted``: the mapped rows' sum without forming them."""
+        return alpha, x, k.sum(axis=0) @ self.basis
+
+    def apply(self, alpha: np.ndarray, k: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The mapped rows, computed in ``x``'s memory."""
+        x *= alpha.astype(x.dtype)[:, None]
+        x += np.einsum("ik,kj->ij", k.astype(x.dtype), self.basis.astype(x.dtype))
+        return x
 
 
 def c3_noise(seed: int, first_row: int, rows: int, dim: int, std: float) -> np.ndarray:
@@ -263,17 +334,36 @@ def check_applicable(stats: RealignStats, text: EmbeddingSource, stats_path: str
 def align_stream(
     text: EmbeddingSource, stats: RealignStats, chunk_rows: int, write: Callable[[int, np.ndarray], None]
 ) -> Moments:
-    """One pass: align every text chunk, hand it to ``write(first_row, float32 rows)``; returns the output's moments."""
+    """One pass: align every text chunk, hand it to ``write(first_row, float32 rows)``; returns the output's moments.
+
+    The rows handed to ``write`` are a reused buffer: a ``write`` that keeps them must copy them."""
     check_applicable(stats, text)
     out = Moments(stats.dim)
-    for first_row, x in normalized_chunks(text, chunk_rows):
-        try:
-            aligned = transform(x, stats, first_row)
-        except InputError as err:
-            raise InputError(f"{text.path}: rows from {first_row}: {err}") from None
-        out.add(aligned)
-        write(first_row, aligned.astype(np.float32))
+    steps = RealignRows(stats, stats.recipe.centroid) if stats.recipe.method == "realign" else None
+    for first_row, x, norms in checked_chunks(text, chunk_rows, np.float32 if steps else np.float64):
+        coefficients = steps.coefficients(x, norms) if steps else None
+        if coefficients is None:
+            aligned = _transform_checked(_unit64(x), stats, first_row, text.path)
+            out.add(aligned)
+        else:
+            out.add_weighted(*steps.sum_terms(*coefficients, x))
+            aligned = steps.apply(*coefficients, x)
+        write(first_row, aligned.astype(np.float32, copy=False))
     return out
+
+
+def _unit64(x: np.ndarray) -> np.ndarray:
+    """Checked rows (of any float type) L2-normalized in float64."""
+    x = np.array(x, dtype=np.float64)
+    x /= np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    return x
+
+
+def _transform_checked(x: np.ndarray, stats: RealignStats, first_row: int, path: Path) -> np.ndarray:
+    try:
+        return transform(x, stats, first_row)
+    except InputError as err:
+        raise InputError(f"{path}: rows from {first_row}: {err}") from None
 
 
 class NpyRowWriter:
@@ -316,7 +406,7 @@ def align_to_embedding_set(
     ids = text.set.ids()
     shard_size = max((s.rows for s in text.set.shards), default=4096) or 4096
     writer = EmbeddingWriter(out_dir, text.encoder, text.dim, shard_size=shard_size)
-    moments = align_stream(text, stats, chunk_rows, lambda first, rows: writer.add(ids[first:first + len(rows)], rows))
+    moments = align_stream(text, stats, chunk_rows, lambda first, rows: writer.add(ids[first:first + len(rows)], rows.copy()))
     writer.close()
     return moments
 

@@ -97,6 +97,10 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None and deepspeed.is_auto("train_micro_batch_size_per_gpu"):
+        # DeepSpeed reads the batch size off a DataLoader passed to prepare; ours are made per epoch, below
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.register_save_state_pre_hook(_trained_weights_only)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
