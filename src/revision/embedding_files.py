@@ -270,7 +270,7 @@ def _row_norms(x: np.ndarray) -> np.ndarray:
 
 
 def _checked_norms(x: np.ndarray, chunk: Chunk, source: EmbeddingSource) -> np.ndarray:
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    norms = _row_norms(x)
     bad = np.flatnonzero(~(np.isfinite(norms) & (norms > 0)))
     if len(bad):
         i = int(bad[0])

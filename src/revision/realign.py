@@ -188,7 +188,7 @@ def _mean_after_first_step(text: EmbeddingSource, stats: RealignStats, chunk_row
     for _, x, norms in checked_chunks(text, chunk_rows, np.float32):
         coefficients = steps.coefficients(x, norms)
         if coefficients is None:
-            moments.add(_anchor_trace(_unit64(x), stats))
+            moments.add(_anchor_trace(_unit64(x, norms), stats))
         else:
             moments.add_weighted(*steps.sum_terms(*coefficients, x))
     return moments.mean
@@ -343,7 +343,7 @@ def align_stream(
     for first_row, x, norms in checked_chunks(text, chunk_rows, np.float32 if steps else np.float64):
         coefficients = steps.coefficients(x, norms) if steps else None
         if coefficients is None:
-            aligned = _transform_checked(_unit64(x), stats, first_row, text.path)
+            aligned = _transform_checked(_unit64(x, norms), stats, first_row, text.path)
             out.add(aligned)
         else:
             out.add_weighted(*steps.sum_terms(*coefficients, x))
@@ -352,11 +352,12 @@ def align_stream(
     return out
 
 
-def _unit64(x: np.ndarray) -> np.ndarray:
-    """Checked rows (of any float type) L2-normalized in float64."""
-    x = np.array(x, dtype=np.float64)
-    x /= np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
-    return x
+def _unit64(x: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Checked rows L2-normalized in float64; narrower rows get their norms again in float64."""
+    if x.dtype != np.float64:
+        x = x.astype(np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    return x / norms[:, None]
 
 
 def _transform_checked(x: np.ndarray, stats: RealignStats, first_row: int, path: Path) -> np.ndarray:
