@@ -48,10 +48,10 @@ def build(args, stage: int, visual_tokens: int):
     return model
 
 
-def dataset(args, stage: int) -> EmbeddingConversations:
-    n = args.steps * args.batch_size
-    vectors = F.normalize(torch.randn(n, args.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
-    return EmbeddingConversations(vectors.numpy(), conversations(args.prepared, stage, n))
+def dataset(args, stage: int, n: int | None = None) -> EmbeddingConversations:
+    talks = conversations(args.prepared, stage, n or args.steps * args.batch_size)  # fewer where the data has fewer
+    vectors = F.normalize(torch.randn(len(talks), args.embed_dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    return EmbeddingConversations(vectors.numpy(), talks)
 
 
 def tokens_per_batch(model, data: EmbeddingConversations, batch_size: int) -> float:
@@ -69,11 +69,22 @@ def time_stage_loop(args, stage: int, visual_tokens: int) -> tuple[float, float]
     return len(data) / seconds, tokens_per_batch(model, data, args.batch_size) * args.steps / seconds
 
 
-def time_bare_loop(args, stage: int, visual_tokens: int) -> tuple[float, float]:
+def first_epoch_batches(data: EmbeddingConversations, batch_size: int, grouped: bool) -> list:
+    """The training loop's first-epoch batches, in its order (grouped by length, as the stages train, or not)."""
+    order = epoch_order(len(data), 0, 0, data.lengths() if grouped else None, batch_size)
+    return [collate([data[i] for i in order[s : s + batch_size]]) for s in range(0, len(data), batch_size)]
+
+
+def padding_overhead(model, batches: list) -> float:
+    """Positions computed per real token: 1.0 means no padding."""
+    masks = [model.build_inputs(emb, convs).attention_mask for emb, convs in batches]
+    return sum(m.numel() for m in masks) / sum(float(m.sum()) for m in masks)
+
+
+def time_bare_loop(args, stage: int, visual_tokens: int, grouped: bool = False) -> tuple[float, float]:
     model, data = build(args, stage, visual_tokens), dataset(args, stage)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    order = epoch_order(len(data), 0, 0)  # the same batches, in the same order, as the training loop's first epoch
-    batches = [collate([data[i] for i in order[s : s + args.batch_size]]) for s in range(0, len(data), args.batch_size)]
+    batches = first_epoch_batches(data, args.batch_size, grouped)
     model.train()
     start = time.perf_counter()
     for emb, convs in batches:
@@ -93,6 +104,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--visual-tokens", type=int, nargs="*", default=[])
+    parser.add_argument("--group-samples", type=int, default=2400, help="samples whose padding is measured")
     parser.add_argument("--cpu", action="store_true", help="force CPU even where a GPU is present")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -104,6 +116,12 @@ def main() -> None:
         loop = time_stage_loop(args, stage, 4)
         print(f"stage {stage}: train loop {loop[0]:6.2f} samples/s {loop[1]:7.1f} tok/s | bare loop "
               f"{bare[0]:6.2f} samples/s {bare[1]:7.1f} tok/s | ratio {loop[0] / bare[0]:.2f}")  # fmt: skip
+    for stage in (1, 2):  # batches of similar length against shuffled ones, the same samples
+        model, data = build(args, stage, 4), dataset(args, stage, args.group_samples)
+        pads = [padding_overhead(model, first_epoch_batches(data, args.batch_size, g)) for g in (False, True)]
+        shuffled, grouped = (time_bare_loop(args, stage, 4, g)[0] for g in (False, True))
+        print(f"stage {stage}: positions per real token over {len(data)} samples: shuffled {pads[0]:.3f}, grouped "
+              f"{pads[1]:.3f} | bare loop, first {args.steps} batches: grouped {grouped / shuffled:.2f}x shuffled")  # fmt: skip
     for k in args.visual_tokens:
         samples, tokens = time_bare_loop(args, 1, k)
         print(f"visual_tokens={k:4d}: stage-1 fwd+bwd {args.batch_size / samples:6.2f} s/batch, {tokens:7.1f} tok/s")

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
-from revision.train import LoopConfig, train
+from revision.train import GROUP_WINDOW, LoopConfig, epoch_order, train
 
 CFG = LoopConfig(seed=0, epochs=3, batch_size=8, lr=0.1, weight_decay=0.0, warmup_ratio=0.1, checkpoint_every=4)
 
@@ -47,10 +47,13 @@ def test_loss_goes_down(tmp_path):
     assert history[-1]["loss"] < 0.2 * history[0]["loss"]
 
 
-@pytest.mark.parametrize("make_model", [_model, _model_with_frozen_base])
-def test_interrupted_run_resumes_to_identical_weights(tmp_path, make_model):
+LENGTHS = [(i * 37) % 23 for i in range(64)]  # any fixed lengths: the order they give must resume too
+
+
+@pytest.mark.parametrize("make_model, lengths", [(_model, None), (_model_with_frozen_base, LENGTHS)])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, make_model, lengths):
     reference = make_model()
-    _, full = train(reference, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "a", "fp")
+    _, full = train(reference, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "a", "fp", lengths=lengths)
 
     calls = {"n": 0}
 
@@ -61,11 +64,11 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, make_model):
         return _loss(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        train(make_model(), _data(), _collate, crashing_loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
+        train(make_model(), _data(), _collate, crashing_loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp", lengths=lengths)
     saved = load_file(tmp_path / "b" / "state" / "model.safetensors")
     assert set(saved) == {name for name, param in reference.named_parameters() if param.requires_grad}
     resumed_model = make_model()
-    _, resumed = train(resumed_model, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp")
+    _, resumed = train(resumed_model, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp", lengths=lengths)
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6)
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(resumed_model.state_dict()[name], tensor)
@@ -75,3 +78,25 @@ def test_checkpoint_of_other_params_is_ignored(tmp_path):
     train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "old-params")
     _, history = train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "new-params")
     assert history[0]["step"] == 1 and len(history) == 24
+
+
+def _padded(order: list[int], lengths: list[int], batch_size: int) -> int:
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    return sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+
+
+@pytest.mark.parametrize("n", [4 * GROUP_WINDOW * 8, 4 * GROUP_WINDOW * 8 + 5])
+def test_batches_grouped_by_length_pad_less_and_stay_a_seeded_shuffle(n):
+    lengths = torch.randint(10, 90, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    grouped = epoch_order(n, 0, 0, lengths, batch_size=8)
+    assert sorted(grouped) == list(range(n))
+    assert grouped == epoch_order(n, 0, 0, lengths, batch_size=8)
+    assert grouped != epoch_order(n, 0, 1, lengths, batch_size=8)
+    shuffled = epoch_order(n, 0, 0)
+    assert _padded(grouped, lengths, 8) < 0.8 * _padded(shuffled, lengths, 8)
+    if n % 8:  # the short batch the DataLoader cuts last holds the tail of the last window, not a random pick
+        last_window = sorted(shuffled[(n // (GROUP_WINDOW * 8)) * GROUP_WINDOW * 8 :], key=lengths.__getitem__)
+        assert grouped[-(n % 8) :] == last_window[-(n % 8) :]
+    # batches are not simply ascending: the grouped batches were shuffled
+    maxima = [max(lengths[i] for i in grouped[s : s + 8]) for s in range(0, n - n % 8, 8)]
+    assert maxima != sorted(maxima)

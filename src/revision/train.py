@@ -13,7 +13,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -29,6 +29,9 @@ from revision.tracking import StageRun
 from revision.training_data import EmbeddingConversations, collate
 
 
+GROUP_WINDOW = 16  # batches sorted by length together: wide enough to pad little, narrow enough to stay random
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     seed: int
@@ -41,8 +44,20 @@ class LoopConfig:
     max_grad_norm: float = 1.0
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+def epoch_order(n: int, seed: int, epoch: int, lengths: Sequence[int] | None = None, batch_size: int = 1) -> list[int]:
+    """A seeded shuffle of ``range(n)``. Given sample ``lengths``, each window of ``GROUP_WINDOW`` batches is
+    sorted by length and cut into batches, and the batches are shuffled: a batch pads to its longest sample,
+    so similar lengths together spend less compute on padding. A short last batch stays last, where the
+    DataLoader cuts it."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    if lengths is None or batch_size < 2:
+        return order
+    window = GROUP_WINDOW * batch_size
+    grouped = [i for start in range(0, n, window) for i in sorted(order[start : start + window], key=lengths.__getitem__)]
+    batches = [grouped[start : start + batch_size] for start in range(0, n, batch_size)]
+    tail = batches.pop() if n % batch_size else []
+    return [i for k in torch.randperm(len(batches), generator=generator).tolist() for i in batches[k]] + tail
 
 
 def _resume(accelerator: Accelerator, ckpt_dir: Path, fingerprint: str) -> list[dict]:
@@ -86,9 +101,11 @@ def train(
     ckpt_dir: Path,
     fingerprint: str,
     log: Callable[[dict, int], None] = lambda metrics, step: None,
+    lengths: Sequence[int] | None = None,
 ) -> tuple[torch.nn.Module, list[dict]]:
     """Train the parameters of ``model`` that require grad; returns the prepared (wrapped) model, which
-    ``accelerator.get_state_dict`` needs under ZeRO-3 or FSDP, and one row per optimizer step."""
+    ``accelerator.get_state_dict`` needs under ZeRO-3 or FSDP, and one row per optimizer step. Given sample
+    ``lengths``, batches group samples of similar length (``epoch_order``)."""
     accum = accelerator.gradient_accumulation_steps
     # each process sees its own share of every epoch, ``batch_size`` samples at a time
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * accelerator.num_processes))
@@ -110,7 +127,7 @@ def train(
     model.train()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        order = Subset(dataset, epoch_order(len(dataset), cfg.seed, epoch))
+        order = Subset(dataset, epoch_order(len(dataset), cfg.seed, epoch, lengths, cfg.batch_size))
         # A private generator: starting an iterator draws a seed from it, and from the global RNG otherwise,
         # so a resumed run (one more iterator) would shift every later dropout mask.
         private = torch.Generator().manual_seed(cfg.seed)
@@ -205,7 +222,8 @@ def train_and_save(
     if samples is not None:
         loss = lambda m, batch: m(batch[0], batch[1])  # noqa: E731
         model, history = train(
-            model, samples, collate, loss, loop_config(cfg), accelerator, outputs.checkpoints, run_id, run.log_metrics
+            model, samples, collate, loss, loop_config(cfg), accelerator, outputs.checkpoints, run_id,
+            run.log_metrics, samples.lengths(),
         )
     state = accelerator.get_state_dict(model)  # every process takes part: sharded weights are gathered here
     summary = {**(extra or {}), "samples": len(samples) if samples is not None else 0, **loss_summary(history)}

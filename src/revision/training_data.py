@@ -46,6 +46,10 @@ class EmbeddingConversations(Dataset):
     def __getitem__(self, index: int):
         return self.vectors[index], self.conversations[index]
 
+    def lengths(self) -> list[int]:
+        """Characters per conversation, which track its tokens closely enough to batch by length."""
+        return [sum(len(turn["value"]) for turn in conversation) for conversation in self.conversations]
+
     def digest(self) -> str:
         """Changes whenever any vector or conversation does (so a stale checkpoint is never resumed)."""
         content = hashlib.sha256(self.vectors.numpy().tobytes())
