@@ -41,9 +41,10 @@ def main(
     history: list[float] = []
     with stage_run(NAME, read_params(params)[NAME]) as run, atomic_dir(out) as tmp:
         if isinstance(encoder, LitEncoder):
-            history = fit_lit_heads(encoder, prepared, cfg, run.log_metrics)
+            history, gaps = fit_lit_heads(encoder, prepared, cfg, run.log_metrics)
             if history:
                 results.update(contrastive_loss_first=history[0], contrastive_loss_last=history[-1])
+            results.update(gaps)
         identity = save_encoder(encoder, cfg, tmp)
         results.update(evaluate_encoder(encoder, prepared, cfg.batch_size))
         run.log_metrics(results)

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from revision.config import load_stage_config
-from revision.contrastive import train_heads
+import pytest
+
+from revision.contrastive import pairs_gap, train_heads
 from revision.encoders import build_encoder, load_encoder, save_encoder
 
 DEFAULT = load_stage_config("encoder", Path(__file__).resolve().parents[1] / "params.yaml")
@@ -28,6 +30,38 @@ def test_contrastive_training_lowers_the_loss():
     text, image = _paired_features()
     history = train_heads(encoder, text, image, TINY.lit, seed=0)
     assert history[-1] < 0.7 * history[0]
+
+
+def _two_cones(n=256, classes=8, seed=0):
+    """Paired features where each tower sits in its own cone (a shared offset), as real towers do."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    text = 3 + torch.randn(classes, 32, generator=g)[labels] + 0.3 * torch.randn(n, 32, generator=g)
+    image = -3 + torch.randn(classes, 32, generator=g)[labels] + 0.3 * torch.randn(n, 32, generator=g)
+    return text, image
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_fixed_low_temperature_keeps_the_modality_gap_a_learned_one_closes(seed):
+    """The mechanism behind encoder.lit.learn_logit_scale: same features, same heads, only the temperature differs."""
+    gaps = {}
+    for learn, scale in [(True, 1 / 0.07), (False, 100.0)]:
+        update = {**TINY_LIT, "embed_dim": 16, "epochs": 30, "batch_size": 64, "lr": 0.003, "head_layers": 1,
+                  "learn_logit_scale": learn, "logit_scale": scale}  # fmt: skip
+        cfg = DEFAULT.model_copy(update={"lit": DEFAULT.lit.model_copy(update=update), "seed": seed})
+        encoder = build_encoder(cfg)
+        history = train_heads(encoder, *_two_cones(seed=seed), cfg.lit, seed=seed)
+        assert history[-1] < 0.5 * history[0]  # both learn the pairing
+        gaps[learn] = pairs_gap(encoder, *_two_cones(seed=seed))
+        if not learn:
+            assert encoder.logit_scale.exp().item() == pytest.approx(100.0)  # held, not trained
+    assert gaps[True] < 0.3 and gaps[False] > 1.0, gaps
+
+
+def test_mlp_heads_have_the_configured_depth():
+    encoder = build_encoder(TINY.model_copy(update={"lit": TINY.lit.model_copy(update={"head_layers": 3})}))
+    linears = [m for m in encoder.text_head.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 and linears[-1].out_features == TINY.lit.embed_dim
 
 
 def test_save_load_round_trip_gives_identical_embeddings(tmp_path):

@@ -58,6 +58,17 @@ class LitConfig(Strict):
     batch_size: int = Field(ge=2)
     lr: float = Field(gt=0)
     weight_decay: float = Field(ge=0)
+    head_layers: int = Field(ge=1, description="layers per projection head: 1 linear, more a GELU MLP at the tower's width")
+    logit_scale: float = Field(
+        gt=0,
+        le=100,
+        description="contrastive logit scale (1/temperature), the value held fixed or the start of a learned one "
+        "(CLIP: starts at 14.3, learns up to its clamp of 100)",
+    )
+    learn_logit_scale: bool = Field(
+        description="learn the logit scale; a fixed, low temperature keeps the towers' own cones apart, the "
+        "CLIP-sized modality gap ReAlign exists to close, where a learned one closes it during training"
+    )
 
 
 class EncoderConfig(Strict):

@@ -11,18 +11,28 @@ from revision.config import EncoderConfig, LitConfig
 from revision.encoders import LitEncoder, batched
 from revision.images import read_rows
 from revision.layout import ENCODER_PAIRS, read_manifest
+from revision.zeroshot import modality_gap
 
 
-def fit_lit_heads(encoder: LitEncoder, prepared: Path, cfg: EncoderConfig, log=None) -> list[float]:
+def fit_lit_heads(encoder: LitEncoder, prepared: Path, cfg: EncoderConfig, log=None) -> tuple[list[float], dict[str, float]]:
     """Both frozen towers' features of the encoder pairs (computed once), then the heads trained on them;
-    returns the mean contrastive loss of each epoch."""
+    returns the mean contrastive loss of each epoch, and the modality gap of the pairs before and after."""
     pairs = read_manifest(prepared, ENCODER_PAIRS)
     where = prepared / ENCODER_PAIRS.file
     rows = [(row, prepared / path) for row, path in enumerate(pairs["image"])]
     read = lambda batch: encoder.image_tower(read_rows(batch, where))  # noqa: E731
     image_feats = batched(read, rows, cfg.batch_size, "image features")
     text_feats = batched(encoder.text_tower, pairs["caption"].tolist(), cfg.batch_size, "text features")
-    return train_heads(encoder, text_feats, image_feats, cfg.lit, cfg.seed, log)
+    gap_before = pairs_gap(encoder, text_feats, image_feats)
+    history = train_heads(encoder, text_feats, image_feats, cfg.lit, cfg.seed, log)
+    gaps = {"modality_gap_pairs_untrained": gap_before, "modality_gap_pairs": pairs_gap(encoder, text_feats, image_feats)}
+    return history, gaps
+
+
+@torch.no_grad()
+def pairs_gap(encoder: LitEncoder, text_feats: torch.Tensor, image_feats: torch.Tensor) -> float:
+    """The modality gap of the projected features."""
+    return modality_gap(encoder.project_text(text_feats).numpy(), encoder.project_images(image_feats).numpy())
 
 
 def train_heads(
@@ -43,7 +53,7 @@ def train_heads(
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             text = encoder.project_text(text_feats[idx])
             image = encoder.project_images(image_feats[idx])
-            loss = loss_fn(image, text, encoder.logit_scale.exp().clamp(max=100))
+            loss = loss_fn(image, text, encoder.logit_scale.exp().clamp(max=100))  # CLIP's clamp
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -115,8 +115,16 @@ class ImageTower(FrozenTower):
         return feats.mean((2, 3)) if feats.ndim == 4 else feats
 
 
+def projection_head(in_dim: int, out_dim: int, layers: int) -> nn.Module:
+    """A linear map, or an MLP whose hidden layers keep the tower's width."""
+    if layers == 1:
+        return nn.Linear(in_dim, out_dim)
+    hidden = [module for _ in range(layers - 1) for module in (nn.Linear(in_dim, in_dim), nn.GELU())]
+    return nn.Sequential(*hidden, nn.Linear(in_dim, out_dim))
+
+
 class LitEncoder(nn.Module):
-    """Frozen towers plus trainable linear heads into a shared ``embed_dim`` space."""
+    """Frozen towers plus trainable projection heads into a shared ``embed_dim`` space."""
 
     def __init__(self, cfg: LitConfig, seed: int = 0):
         super().__init__()
@@ -126,9 +134,10 @@ class LitEncoder(nn.Module):
         for p in [*self.text_tower.parameters(), *self.image_tower.parameters()]:
             p.requires_grad_(False)
         torch.manual_seed(seed)
-        self.text_head = nn.Linear(self.text_tower.dim, cfg.embed_dim)
-        self.image_head = nn.Linear(self.image_tower.dim, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+        self.text_head = projection_head(self.text_tower.dim, cfg.embed_dim, cfg.head_layers)
+        self.image_head = projection_head(self.image_tower.dim, cfg.embed_dim, cfg.head_layers)
+        log_scale = torch.tensor(np.log(cfg.logit_scale), dtype=torch.float32)
+        self.logit_scale = nn.Parameter(log_scale, requires_grad=cfg.learn_logit_scale)
         self.dim = cfg.embed_dim
 
     def head_state(self) -> dict[str, torch.Tensor]:
