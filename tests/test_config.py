@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from revision.config import STAGE_CONFIGS, apply_profile, load_stage_config
+from revision.config import STAGE_CONFIGS, apply_profile, load_stage_config, normalized_block, read_params
 from revision.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +58,13 @@ def test_profile_merges_values_and_keeps_comments(tmp_path):
     comments = [line.strip() for line in original.splitlines() if line.strip().startswith("#")]
     assert comments and all(comment in params.read_text() for comment in comments)
     assert yaml.safe_load(params.read_text()) == merged
+
+
+def test_a_block_dvc_rewrote_records_the_same_values():
+    """`dvc exp run -S` writes `mixed_precision: no` bare, which YAML 1.1 reads as false; records (MLflow
+    params) must not show that as a difference."""
+    block = read_params(ROOT / "params.yaml")["finetune"]
+    rewritten = {**block, "mixed_precision": False}
+    assert normalized_block("finetune", rewritten) == normalized_block("finetune", block)
+    assert normalized_block("finetune", rewritten)["mixed_precision"] == "no"
+    assert normalized_block("launch", "revision") == "revision"  # not a stage block: as it is

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from revision.config import load_stage_config
-import pytest
-
 from revision.contrastive import pairs_gap, train_heads
 from revision.encoders import build_encoder, load_encoder, save_encoder
 

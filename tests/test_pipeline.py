@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import sqlite3
 
 import numpy as np
@@ -58,16 +59,61 @@ def test_embeddings_are_normalized_complete_and_tagged_with_the_encoder(tiny_rep
         assert EmbeddingSet(tiny_repo / "data" / "embeddings" / name).encoder == identity
 
 
+STAGES = {"prepare", "encoder", "embed", "realign", "lm", "pretrain", "finetune", "evaluate"}
+
+
+def pipeline_runs(db: sqlite3.Connection) -> dict[str, dict]:
+    """Per parent run id: its name, the names of the stage runs nested under it, its params and metrics."""
+    parents = dict(db.execute("select r.run_uuid, r.name from runs r join tags t on t.run_uuid = r.run_uuid where t.key = 'pipeline'"))
+    children = db.execute("select t.value, r.name from runs r join tags t on t.run_uuid = r.run_uuid where t.key = 'mlflow.parentRunId'")
+    groups = {run_id: {"name": name, "stages": [], "params": {}, "metrics": set()} for run_id, name in parents.items()}
+    for parent, name in children:
+        groups[parent]["stages"].append(name)
+    for run_id, group in groups.items():
+        group["params"] = dict(db.execute("select key, value from params where run_uuid = ?", (run_id,)))
+        group["metrics"] = {k for (k,) in db.execute("select key from metrics where run_uuid = ?", (run_id,))}
+    return groups
+
+
 def test_each_stage_logs_one_mlflow_run_with_params_and_git_tag(tiny_repo):
     db = sqlite3.connect(tiny_repo / "mlflow.db")
-    runs = dict(db.execute("select run_uuid, name from runs").fetchall())
-    assert sorted(runs.values()) == sorted(set(runs.values()))  # one run per stage
-    assert {"prepare", "encoder", "embed", "realign", "lm", "pretrain", "finetune", "evaluate"} <= set(runs.values())
+    runs = dict(db.execute("select r.run_uuid, r.name from runs r join tags t on t.run_uuid = r.run_uuid where t.key = 'stage'"))
+    assert sorted(runs.values()) == sorted(STAGES)  # one run per stage
     tags = db.execute("select key, value from tags where key='git_revision'").fetchall()
     head = run(["git", "rev-parse", "HEAD"], tiny_repo).stdout.strip()
     assert tags and all(v == head for _, v in tags)
     params = {k for (k,) in db.execute("select key from params")}
     assert "encoder.lit.embed_dim" in params and "embed.shard_size" in params
+    kind = db.execute("select value from experiment_tags where key = 'mlflow.experimentKind'").fetchall()
+    assert kind == [("custom_model_development",)]  # the UI opens on the training runs
+
+
+def test_an_experiment_nests_its_stage_runs_under_one_parent_with_all_params_and_final_metrics(tiny_repo, tmp_path):
+    """`dvc repro`, then `dvc exp run -S realign.trace=false`: two parent runs, side by side in MLflow."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    run(["dvc", "exp", "run", "-S", "realign.trace=false"], repo)
+    groups = pipeline_runs(sqlite3.connect(repo / "mlflow.db"))
+    assert len(groups) == 2
+    baseline, ablation = sorted(groups.values(), key=lambda g: len(g["stages"]), reverse=True)
+    assert sorted(baseline["stages"]) == sorted(STAGES)
+    assert sorted(ablation["stages"]) == ["evaluate", "finetune", "pretrain", "realign"]  # what the change re-ran
+    assert (baseline["params"]["realign.trace"], ablation["params"]["realign.trace"]) == ("True", "False")
+    assert baseline["params"].keys() == ablation["params"].keys() >= {"encoder.lit.embed_dim", "finetune.lr"}
+    # only the ablated param differs, though `dvc exp run -S` rewrote params.yaml (`"no"` became a bare `no`)
+    assert {k for k, v in baseline["params"].items() if ablation["params"][k] != v} == {"realign.trace"}
+    for group in (baseline, ablation):
+        assert {"evaluate/finetune/cider", "realign/after.trace_ratio", "finetune/loss_last"} <= group["metrics"]
+    assert ablation["name"] != baseline["name"]
+
+
+def test_dvc_plots_pages_draw_the_loss_curves_without_a_network(tiny_repo, tmp_path):
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], tiny_repo)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "cdn." not in page and "<script src=" not in page  # nothing to fetch
+    assert "window.vegaEmbed=" in page  # the libraries are inline
+    for curve in ("pretrain_loss.csv", "finetune_loss.csv", "encoder_loss.csv"):
+        assert curve in page
 
 
 def test_dag_and_param_change_rerun_only_dependents(tiny_repo):

@@ -219,6 +219,16 @@ def load_stage_config(stage: str, path: str | Path = "params.yaml", model: type[
         raise InputError(f"{path}: {problems}") from None
 
 
+def normalized_block(stage: str, block: object) -> object:
+    """A stage's block as its typed config reads it (``no`` as DVC writes it is "no", not false); anything
+    else as it is. For records such as MLflow params, where the same value must print the same."""
+    model = STAGE_CONFIGS.get(stage)
+    try:
+        return model.model_validate(block).model_dump(mode="json") if model else block
+    except ValidationError:
+        return block
+
+
 def describe(model: type[BaseModel], prefix: str) -> str:
     """A one-line-per-key summary of a config's params, for ``--help`` texts."""
     lines = []

@@ -1,17 +1,22 @@
 """MLflow tracking: one run per stage, tagged with the DVC experiment name and the git revision.
 
-Only the main process logs; other ranks get a no-op run, so several processes never make duplicate runs.
+Under DVC (``dvc repro``, ``dvc exp run``) the stage runs nest under one parent run per pipeline run: the same
+git revision, DVC experiment and params.yaml. The parent holds every param and each stage's summary metrics
+(``<stage>/<metric>``), so comparing two experiments is comparing two parent runs. A stage run by hand has no
+parent. Only the main process logs; other ranks get a no-op run, so several processes never make duplicate runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from revision.config import flatten
+from revision.config import flatten, normalized_block, read_params
 
 OFFLINE_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
@@ -41,19 +46,25 @@ def git_revision() -> str:
         return "unknown"
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3 opens on the runs, not GenAI
+PIPELINE_TAG = "pipeline"
 
 
 class StageRun:
-    """A thin handle the stages log through; silent on non-main ranks."""
+    """A thin handle the stages log through; silent on non-main ranks. Summary metrics (no ``step``) go to
+    the pipeline's parent run too, under ``<stage>/``."""
 
-    def __init__(self, active: bool):
-        self.active = active
+    def __init__(self, active: bool, stage: str = "", parent_id: str | None = None):
+        self.active, self.stage, self.parent_id = active, stage, parent_id
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.active:
             import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            values = {k: float(v) for k, v in metrics.items()}
+            mlflow.log_metrics(values, step=step)
+            if step is None and self.parent_id:
+                mlflow.log_metrics({f"{self.stage}/{k}": v for k, v in values.items()}, run_id=self.parent_id)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
@@ -65,9 +76,35 @@ class StageRun:
                 mlflow.log_artifact(str(path), artifact_path)
 
 
+def pipeline_parent(experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The parent run of this pipeline run (made on first use), or None outside DVC. DVC sets ``DVC_ROOT``
+    for every stage it runs; the params file there, the git revision and the experiment name identify it."""
+    root = os.environ.get("DVC_ROOT")
+    if not root or not (Path(root) / "params.yaml").exists():
+        return None
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    params = flatten({stage: normalized_block(stage, block) for stage, block in read_params(Path(root) / "params.yaml").items()})
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    experiment = tags.get("dvc_experiment", "workspace")
+    key = f"{tags['git_revision']}:{experiment}:{digest}"
+    client = MlflowClient()
+    found = client.search_runs([experiment_id], f"tags.{PIPELINE_TAG} = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    name = experiment if experiment != "workspace" else f"dvc repro @ {tags['git_revision'][:7]} ({digest[:6]})"
+    run = client.create_run(experiment_id, run_name=name, tags={**tags, PIPELINE_TAG: key, "params_digest": digest})
+    items = [Param(k, str(v)[:500]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    return run.info.run_id
+
+
 @contextmanager
 def stage_run(stage: str, params: dict, is_main: bool = True) -> Iterator[StageRun]:
-    """Open one MLflow run for ``stage`` with its params and DVC/git tags (main process only)."""
+    """Open one MLflow run for ``stage`` with its params and DVC/git tags (main process only), nested under
+    the pipeline's parent run when DVC runs the stage."""
     if not is_main:
         yield StageRun(False)
         return
@@ -75,10 +112,19 @@ def stage_run(stage: str, params: dict, is_main: bool = True) -> Iterator[StageR
 
     apply_offline_defaults()
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "revision"))
-    tags = {"stage": stage, "git_revision": git_revision()}
+    experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "revision"))
+    if not all(experiment.tags.get(k) == v for k, v in EXPERIMENT_KIND.items()):
+        mlflow.set_experiment_tags(EXPERIMENT_KIND)
+    tags = {"git_revision": git_revision()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    with mlflow.start_run(run_name=stage, tags=tags):
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(params, f"{stage}.").items()})
-        yield StageRun(True)
+    parent_id = pipeline_parent(experiment.experiment_id, tags)
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_name=stage, tags={**tags, "stage": stage}, parent_run_id=parent_id):
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(normalized_block(stage, params), f"{stage}.").items()})
+            yield StageRun(True, stage, parent_id)
+        status = "FINISHED"
+    finally:
+        if parent_id:
+            mlflow.MlflowClient().set_terminated(parent_id, status)

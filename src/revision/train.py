@@ -28,7 +28,6 @@ from revision.outputs import atomic_dir, atomic_file, write_json
 from revision.tracking import StageRun
 from revision.training_data import EmbeddingConversations, collate
 
-
 GROUP_WINDOW = 16  # batches sorted by length together: wide enough to pad little, narrow enough to stay random
 
 
