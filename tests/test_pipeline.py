@@ -85,7 +85,7 @@ def test_each_stage_logs_one_mlflow_run_with_params_and_git_tag(tiny_repo):
     params = {k for (k,) in db.execute("select key from params")}
     assert "encoder.lit.embed_dim" in params and "embed.shard_size" in params
     kind = db.execute("select value from experiment_tags where key = 'mlflow.experimentKind'").fetchall()
-    assert kind == [("custom_model_development",)]  # the UI opens on the training runs
+    assert kind == [("custom_model_development",)]  # marked as model training, not a GenAI app
 
 
 def test_an_experiment_nests_its_stage_runs_under_one_parent_with_all_params_and_final_metrics(tiny_repo, tmp_path):
