@@ -16,35 +16,19 @@ from revision.outputs import atomic_file
 
 VEGA_LITE = "5.21"  # DVC's plot templates are Vega-Lite v5 specs
 
-PAGE = """<!DOCTYPE html>
-<html>
-<head>
-    {refresh_tag}
-    <title>DVC Plot</title>
-    <script>%s</script>
-    <style>
-        table {
-            border-spacing: 15px;
-        }
-    </style>
-</head>
-<body>
-    {plot_divs}
-</body>
-</html>"""
-
 
 def offline_template() -> str:
-    """DVC's page (its ``{refresh_tag}`` and ``{plot_divs}`` placeholders, no CDN ``{scripts}``), libraries inline."""
+    """DVC's own page, its CDN ``{scripts}`` placeholder replaced by the libraries inline."""
     import vl_convert
+    from dvc_render.html import PAGE_HTML
 
     bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE).replace("</script", "<\\/script")
-    return PAGE % bundle
+    return PAGE_HTML.replace("{scripts}", f"<script>{bundle}</script>")
 
 
 def write_template(path: Path) -> Path:
     with atomic_file(path) as tmp:
-        Path(tmp).write_text(offline_template())
+        tmp.write_text(offline_template())
     return path
 
 

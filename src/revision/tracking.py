@@ -8,8 +8,6 @@ parent. Only the main process logs; other ranks get a no-op run, so several proc
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 from contextlib import contextmanager
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from revision.config import flatten, normalized_block, read_params
+from revision.outputs import fingerprint
 
 OFFLINE_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
@@ -87,7 +86,7 @@ def pipeline_parent(experiment_id: str, tags: dict[str, str]) -> str | None:
     from mlflow.entities import Param
 
     params = flatten({stage: normalized_block(stage, block) for stage, block in read_params(Path(root) / "params.yaml").items()})
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    digest = fingerprint(params)[:12]
     experiment = tags.get("dvc_experiment", "workspace")
     key = f"{tags['git_revision']}:{experiment}:{digest}"
     client = MlflowClient()
