@@ -37,13 +37,17 @@ def clean_errors(fn):
     return wrapper
 
 
-STAGES = ("prepare", "encoder", "embed", "realign", "lm", "pretrain", "finetune", "evaluate", "chat", "export", "study")
+STAGES = (
+    "prepare", "encoder", "embed", "realign", "lm", "pretrain", "finetune", "evaluate", "chat", "export", "lmms_task",
+    "study",
+)  # fmt: skip
 
 
 def stages_to_register(argv: list[str]) -> tuple[str, ...]:
     """Only the stage being run: each stage imports its own heavy libraries (open_clip, transformers, ...),
     and a DVC stage should not pay seconds for the others'. ``--help`` and anything else get them all."""
-    return (argv[1],) if len(argv) > 1 and argv[1] in STAGES else STAGES
+    module = argv[1].replace("-", "_") if len(argv) > 1 else ""
+    return (module,) if module in STAGES else STAGES
 
 
 for name in stages_to_register(sys.argv):

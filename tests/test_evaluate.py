@@ -168,6 +168,9 @@ class ReadsTheVector:
     config = MLLMConfig(embed_dim=2, visual_tokens=1)
     colours = ("red", "blue")
 
+    def conversation(self, question, answer):
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
     def answer_nll(self, vectors, conversations):
         named = [self.colours[int(v[0] > 0)] for v in vectors]
         sums = [0.0 if f" {colour} " in conv[1]["value"] else 5.0 for colour, conv in zip(named, conversations)]

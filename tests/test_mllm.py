@@ -136,6 +136,21 @@ def test_loss_and_answer_nll_equal_the_full_logits_cross_entropy(model):
     assert count.tolist() == (labels != IGNORE_INDEX).sum(dim=1).tolist()
     assert torch.allclose(nll, per_token.sum(dim=1), atol=1e-4)
     assert torch.allclose(model(emb, CONVERSATIONS), per_token.sum() / count.sum(), atol=1e-5)
+    answer = labels != IGNORE_INDEX
+    missed = ((logits.argmax(-1) != labels) & answer).sum(dim=1)
+    _, _, greedy = model.answer_scores(emb, CONVERSATIONS)
+    assert greedy.tolist() == (missed == 0).tolist()
+
+
+def test_answer_scores_call_an_answer_greedy_only_when_every_token_is_the_argmax(model, monkeypatch):
+    targets, rows = torch.tensor([3, 1, 2, 0]), torch.tensor([0, 0, 1, 1])
+    logits = torch.nn.functional.one_hot(targets, 5).float() * 4  # every answer token is the argmax ...
+    logits[3] = torch.nn.functional.one_hot(torch.tensor(4), 5) * 4  # ... except the last token of row 1
+    monkeypatch.setattr(model, "_answer_logits", lambda batch: (logits, targets, rows))
+    monkeypatch.setattr(model, "build_inputs", lambda embeddings, conversations: None)
+    sums, counts, greedy = model.answer_scores(embeddings(2), CONVERSATIONS)
+    assert greedy.tolist() == [True, False] and counts.tolist() == [2, 2]
+    assert sums[1] > sums[0]
 
 
 def test_projector_steps_with_frozen_lm_lower_the_loss(model):

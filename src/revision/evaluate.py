@@ -55,6 +55,7 @@ class EvalImage:
     captions: list[str]
     attrs: dict
     qas: list[dict] = field(default_factory=list)  # every QA of the image, as in eval.parquet
+    image: str = ""  # the image file, relative to the prepared folder
 
 
 @dataclass(frozen=True)
@@ -78,16 +79,23 @@ class EvalSet:
 
 def load_eval_set(prepared: Path, embeddings: EmbeddingSet, cfg: EvaluateConfig) -> EvalSet:
     """The seeded image subsample, its embeddings and the questions every checkpoint will be asked."""
-    manifest = prepared / EVAL.file
+    images, rows = eval_images(prepared, cfg)
+    vectors = vectors_by_id(embeddings, [image.id for image in images], prepared / EVAL.file, rows)
+    return EvalSet(images, torch.from_numpy(vectors), eval_questions(images, cfg))
+
+
+def eval_images(prepared: Path, cfg: EvaluateConfig) -> tuple[list[EvalImage], list[int]]:
+    """The seeded subsample of eval.parquet and its rows there."""
     table = read_manifest(prepared, EVAL)
-    keep = subsample(len(table), cfg.max_images, cfg.seed)
-    table = table.iloc[keep]
-    images = [_eval_image(row) for row in table.itertuples(index=False)]
+    rows = subsample(len(table), cfg.max_images, cfg.seed)
+    images = [_eval_image(row) for row in table.iloc[rows].itertuples(index=False)]
     if not images:
-        raise InputError(f"{manifest}: no eval images")
-    vectors = vectors_by_id(embeddings, [image.id for image in images], manifest, keep)
-    questions = vqa_questions(images, cfg.max_questions, cfg.seed) + pope_questions(images, cfg.seed)
-    return EvalSet(images, torch.from_numpy(vectors), questions)
+        raise InputError(f"{prepared / EVAL.file}: no eval images")
+    return images, rows
+
+
+def eval_questions(images: Sequence[EvalImage], cfg: EvaluateConfig) -> list[Question]:
+    return vqa_questions(images, cfg.max_questions, cfg.seed) + pope_questions(images, cfg.seed)
 
 
 def _eval_image(row) -> EvalImage:
@@ -96,7 +104,7 @@ def _eval_image(row) -> EvalImage:
         raise InputError(f"eval image {row.id!r} has no reference captions")
     attrs = json.loads(row.attrs) if isinstance(row.attrs, str) and row.attrs else {}
     qas = json.loads(row.questions) if isinstance(row.questions, str) and row.questions else []
-    return EvalImage(str(row.id), str(row.source), captions, attrs, qas)
+    return EvalImage(str(row.id), str(row.source), captions, attrs, qas, str(row.image))
 
 
 def vqa_questions(images: Sequence[EvalImage], per_image: int, seed: int) -> list[Question]:
@@ -309,13 +317,9 @@ def caption_nlls(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of each caption (answer tokens, end-of-turn marker included) after the caption prompt,
     teacher-forced on its own embedding, and its token count."""
-    prompt = f"{model.config.image_token}\n{model.config.caption_prompt}"
     sums, counts = [], []
     for start in range(0, len(captions), batch_size):
-        conversations = [
-            [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]
-            for caption in captions[start : start + batch_size]
-        ]
+        conversations = [model.conversation(None, caption) for caption in captions[start : start + batch_size]]
         batch_sums, batch_counts = model.answer_nll(vectors[start : start + batch_size], conversations)
         sums.append(batch_sums)
         counts.append(batch_counts)
@@ -360,6 +364,30 @@ def _fix_articles(text: str) -> str:
     return re.sub(r"\b([Aa])n? (?=(\w))", lambda m: m.group(1) + ("n " if m.group(2) in "aeiouAEIOU" else " "), text)
 
 
+@dataclass(frozen=True)
+class RankedPair:
+    image: int  # index into the eval images
+    truth: str
+    other: str
+    captions: tuple[str, str]  # the reference caption naming the true value, the same naming the other
+
+
+def ranked_pairs(images: Sequence[EvalImage], probe: str, seed: int) -> list[RankedPair]:
+    """The two-way choices of one ranked probe: each eligible image against one seeded other value."""
+    source, attribute, phrases = RANKED_PROBES[probe]
+    values = list(phrases)
+    rng = random.Random(f"{seed}-rank-{probe}")
+    pairs = []
+    for index, image in enumerate(images):
+        truth = image.attrs.get(attribute)
+        candidates = swapped_captions(image.captions[0], truth, phrases) if image.source == source else None
+        if candidates is None:
+            continue  # another source, or a caption that does not name the attribute (counted in n_rank_*)
+        other = rng.choice([v for v in values if v != truth])
+        pairs.append(RankedPair(index, truth, other, (candidates[values.index(truth)], candidates[values.index(other)])))
+    return pairs
+
+
 def ranked_probe(
     model: MLLM, eval_set: EvalSet, probe: str, batch_size: int, seed: int = 0
 ) -> tuple[dict[str, float], dict[int, str]]:
@@ -367,26 +395,14 @@ def ranked_probe(
     with one seeded other value (chance 0.5; two candidates over many images say more, for the same compute,
     than all values over few). Returns the share where the true one has the lower summed NLL given the
     image, its mean NLL margin, and the value picked per image index."""
-    source, attribute, phrases = RANKED_PROBES[probe]
-    values = list(phrases)
-    rng = random.Random(f"{seed}-rank-{probe}")
-    pairs: list[tuple[int, str, str]] = []  # (image index, true value, other value)
-    captions: list[str] = []
-    for index, image in enumerate(eval_set.images):
-        truth = image.attrs.get(attribute)
-        candidates = swapped_captions(image.captions[0], truth, phrases) if image.source == source else None
-        if candidates is None:
-            continue  # another source, or a caption that does not name the attribute (counted in n_rank_*)
-        other = rng.choice([v for v in values if v != truth])
-        pairs.append((index, truth, other))
-        captions += [candidates[values.index(truth)], candidates[values.index(other)]]
+    pairs = ranked_pairs(eval_set.images, probe, seed)
     metrics = {f"n_rank_{probe}": float(len(pairs))}
     if not pairs:
         return metrics, {}
-    vectors = eval_set.vectors[[index for index, _, _ in pairs for _ in range(2)]]
-    sums, _ = caption_nlls(model, vectors, captions, batch_size)
+    vectors = eval_set.vectors[[pair.image for pair in pairs for _ in range(2)]]
+    sums, _ = caption_nlls(model, vectors, [caption for pair in pairs for caption in pair.captions], batch_size)
     margins = (sums[1::2] - sums[0::2]).tolist()  # other minus true: positive when the truth is preferred
-    picked = {index: truth if margin > 0 else other for (index, truth, other), margin in zip(pairs, margins)}
+    picked = {pair.image: pair.truth if margin > 0 else pair.other for pair, margin in zip(pairs, margins)}
     metrics[f"rank_{probe}_acc"] = _mean([margin > 0 for margin in margins])
     metrics[f"rank_{probe}_margin"] = _mean(margins)
     return metrics, picked

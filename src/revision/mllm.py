@@ -118,13 +118,28 @@ class MLLM(nn.Module):
         batch = self.build_inputs(embeddings, conversations)
         return self._lm_forward(batch).logits
 
-    @torch.no_grad()
     def answer_nll(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per conversation: the summed NLL of its answer tokens and how many there are (CPU tensors)."""
+        sums, counts, _ = self.answer_scores(embeddings, conversations)
+        return sums, counts
+
+    @torch.no_grad()
+    def answer_scores(
+        self, embeddings: torch.Tensor, conversations: Sequence[Conversation]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``answer_nll`` and, per conversation, whether greedy decoding would produce its answer tokens."""
         logits, targets, rows = self._answer_logits(self.build_inputs(embeddings, conversations))
         nll = nn.functional.cross_entropy(logits.float(), targets, reduction="none").cpu()
+        missed = (logits.argmax(-1) != targets).cpu().double()
         n, rows = len(conversations), rows.cpu()
-        return torch.zeros(n).index_add_(0, rows, nll), torch.bincount(rows, minlength=n)
+        sums, counts = torch.zeros(n).index_add_(0, rows, nll), torch.bincount(rows, minlength=n)
+        return sums, counts, torch.bincount(rows, weights=missed, minlength=n) == 0
+
+    def conversation(self, question: str | None, answer: str | None = None) -> Conversation:
+        """The turns the model is asked in: the image and ``question`` (the caption prompt when None), then
+        ``answer`` when given."""
+        turns = [{"from": "human", "value": self._question_with_image(question)}]
+        return turns + [{"from": "gpt", "value": answer}] if answer is not None else turns
 
     def build_inputs(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> MLLMBatch:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(conversations):
@@ -145,9 +160,9 @@ class MLLM(nn.Module):
     ) -> list[str]:
         """Greedy answers for a batch (left-padded so every prompt ends where generation starts)."""
         questions = list(questions) if questions is not None else [None] * embeddings.shape[0]
-        prompts = [[{"from": "human", "value": self._question_with_image(q)}] for q in questions]
         prefixes = self._project(embeddings)
-        samples = [self._pieces(_as_messages(conv, self.config), generation_prompt=True) for conv in prompts]
+        prompts = [_as_messages(self.conversation(question), self.config) for question in questions]
+        samples = [self._pieces(messages, generation_prompt=True) for messages in prompts]
         batch = self._collate(samples, prefixes, pad_left=True)
         output = self.lm.generate(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
