@@ -34,6 +34,9 @@ def main(
     conditions: str = typer.Option(",".join(CONDITIONS), help="conditions of the plain world, comma-separated"),
     stress_conditions: str = typer.Option(",".join(STRESS_CONDITIONS), help="conditions of the stress world"),
     jobs: int = typer.Option(1, min=1, help="experiments run at once (each uses every core it can get)"),
+    skip_done: bool = typer.Option(
+        False, help="leave out the experiments that already have results (--results or `dvc exp show`): go on with a grid run in parts"
+    ),
     report_only: bool = typer.Option(False, help="only write the report from the experiments there are"),
     report: Path = typer.Option(Path("reports/ablation.md"), help="the generated report"),
     results: Path = typer.Option(
@@ -50,6 +53,14 @@ def main(
             experiments = grid(range(seeds), sizes, stress_shift, plain, stressed)
         except ValueError as error:
             raise InputError(str(error)) from error
+        if skip_done:
+            from revision.study import pending
+
+            experiments = pending(experiments, finished_results(results))
+        if not experiments:
+            typer.echo("study: every experiment of this grid has results already")
+            write_report(report, run_record, results)
+            return
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
         for experiment in experiments:
             subprocess.run(queue_command(experiment), check=True, stdout=subprocess.DEVNULL)
@@ -86,14 +97,22 @@ def tracking_uri() -> str:
     return uri
 
 
-def write_report(report: Path, run_record: Path, results_file: Path) -> None:
-    from revision.ablation_report import render
-    from revision.outputs import atomic_file
-    from revision.study import merge_results, results_from_record, results_record, study_results
+def finished_results(results_file: Path, with_saved: bool = False):
+    """Every finished study experiment: those saved in ``results_file`` merged with `dvc exp show`'s."""
+    from revision.study import merge_results, results_from_record, study_results
 
     shown = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True, check=True)
     saved = results_from_record(json.loads(results_file.read_text())) if results_file.is_file() else []
     results = merge_results(saved, study_results(json.loads(shown.stdout)))
+    return (results, saved) if with_saved else results
+
+
+def write_report(report: Path, run_record: Path, results_file: Path) -> None:
+    from revision.ablation_report import render
+    from revision.outputs import atomic_file
+    from revision.study import results_record
+
+    results, saved = finished_results(results_file, with_saved=True)
     if not results:
         raise InputError(f"no finished study experiments in `dvc exp show` or {results_file}; run `revision study` first")
     write_json(results_file, results_record(results))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
+import subprocess
 
 import pytest
 
@@ -14,6 +16,7 @@ from revision.study import (
     STRESS_CONDITIONS,
     grid,
     merge_results,
+    pending,
     queue_command,
     resolution,
     results_from_record,
@@ -22,6 +25,7 @@ from revision.study import (
     summarize,
     within_noise,
 )  # fmt: skip
+from tests.helpers import BIN
 
 PROFILE = {"pretrain.max_samples": 256, "evaluate.max_images": 40}
 
@@ -132,6 +136,16 @@ def test_saved_results_round_trip_and_newer_runs_replace_them():
     assert garment == {("full", 0): 0.7, ("raw", 0): 0.2, ("c3", 1): 0.3}
 
 
+def test_skip_done_leaves_out_the_experiments_with_results():
+    experiments = grid(range(2), PROFILE, 0.8, conditions=["c3", "full"], stress_conditions=["full"])
+    done = study_results(_exp_show([_experiment("study-full-s0", 0.1, 2.0), _experiment("study-stress-full-s1", 0.2, 2.0),
+                                    _experiment("study-raw-s0", 0.3, 2.0)]))  # fmt: skip
+    assert sorted(r.name for r in done) == ["study-full-s0", "study-raw-s0", "study-stress-full-s1"]
+    assert [e.name for e in pending(experiments, done)] == [
+        "study-c3-s0", "study-stress-full-s0", "study-c3-s1", "study-full-s1"]  # fmt: skip
+    assert pending(experiments, []) == experiments
+
+
 def test_grid_runs_the_chosen_conditions_and_refuses_unknown_ones():
     experiments = grid(range(3), PROFILE, 0.8, conditions=["full"], stress_conditions=["raw", "anchor"])
     assert sorted(e.name for e in experiments if e.name.endswith("-s0")) == [
@@ -172,3 +186,24 @@ def test_resolution_is_one_image_of_the_fewest_counted():
     assert resolution(results, "pretrain", "rank_garment_acc") == 1 / 17
     assert resolution(results, "pretrain", "caption_nll") == 0.0
     assert resolution(results, "finetune", "rank_garment_acc") == 0.0  # no counts there: no floor
+
+
+def test_skip_done_with_every_result_there_queues_nothing_and_writes_the_report(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, check=True, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    saved = study_results(_exp_show([_experiment(f"study-full-s{s}", 0.6, 1.0) for s in range(2)]))
+    (tmp_path / "results.json").write_text(json.dumps(results_record(saved)))
+    (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
+    args = ["study", "--seeds", "2", "--conditions", "full", "--stress-shift", "0", "--skip-done", "--profile", "profile.yaml",
+            "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "every experiment of this grid has results already" in result.output
+    assert "ReAlign full" in (tmp_path / "ablation.md").read_text() and not (tmp_path / "run.json").exists()
+    assert not (tmp_path / ".dvc" / "tmp" / "exps").exists()  # nothing was queued

@@ -109,6 +109,10 @@ class Result:
     metrics: dict  # metrics file -> its content
     finished: str = ""  # the experiment commit's timestamp
 
+    @property
+    def name(self) -> str:
+        return f"study-{'stress-' if self.stress else ''}{self.condition}-s{self.seed}"
+
 
 def study_results(exp_show: list) -> list[Result]:
     """Every finished study experiment in ``dvc exp show --json --all-commits`` output (queued and running
@@ -137,6 +141,12 @@ def merge_results(saved: Iterable[Result], shown: Iterable[Result]) -> list[Resu
     for result in sorted([*saved, *shown], key=lambda r: r.finished):
         newest[(result.stress, result.condition, result.seed)] = result
     return sorted(newest.values(), key=lambda r: (r.stress, r.condition, r.seed))
+
+
+def pending(experiments: Iterable[Experiment], results: Iterable[Result]) -> list[Experiment]:
+    """The experiments that have no finished result yet: a grid run in parts goes on where it stopped."""
+    done = {result.name for result in results}
+    return [experiment for experiment in experiments if experiment.name not in done]
 
 
 def results_record(results: Iterable[Result]) -> dict:
