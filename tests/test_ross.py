@@ -1,0 +1,89 @@
+"""Ross's denoiser and loss: it starts at loss 1, learns, reads its conditioning, and follows the cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from revision.ross import STEPS, Denoiser, denoising_loss, noise_schedule, sincos_positions
+
+TARGET_DIM, HIDDEN, GRID = 8, 24, 2
+
+
+def denoiser(seed: int = 0) -> Denoiser:
+    torch.manual_seed(seed)
+    return Denoiser(TARGET_DIM, HIDDEN, GRID, width=32, depth=2, heads=4)
+
+
+def batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states and targets that are a fixed function of them: the conditioning says what to reconstruct."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, GRID * GRID, HIDDEN, generator=g)
+    mixing = torch.randn(HIDDEN, TARGET_DIM, generator=torch.Generator().manual_seed(99)) / math.sqrt(HIDDEN)
+    return hidden @ mixing, hidden
+
+
+def test_cosine_schedule_is_the_formula():
+    s = 0.008
+    f = lambda t: math.cos((t / STEPS + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    expected = torch.tensor([f(i + 1) / f(0) for i in range(STEPS)])
+    got = noise_schedule().alphas_cumprod
+    assert got.shape == (STEPS,)
+    assert torch.allclose(got[:990], expected[:990].float(), rtol=1e-4, atol=1e-6)  # beta is capped at 0.999 at the end
+    assert got[0] > 0.999 and got[-1] < 1e-4 and bool((got[1:] < got[:-1]).all())
+
+
+def test_first_loss_is_about_one_because_the_output_starts_at_zero():
+    model, (targets, hidden) = denoiser(), batch(64)
+    noisy = torch.randn_like(targets)
+    assert torch.equal(model(noisy, torch.randint(0, STEPS, (64,)), hidden), torch.zeros_like(targets))
+    loss = denoising_loss(model, noise_schedule(), targets, hidden, repeat=4, generator=torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(1.0, abs=0.05)
+
+
+def train(model: Denoiser, steps: int, n: int = 16) -> list[float]:
+    schedule, (targets, hidden) = noise_schedule(), batch(n)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        loss = denoising_loss(model, schedule, targets, hidden, repeat=2, generator=torch.Generator().manual_seed(step % 4))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_loss_falls_on_a_fixed_batch():
+    losses = train(denoiser(), 60)
+    assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:4]) / 4
+
+
+def test_shuffled_conditioning_raises_the_loss_after_training():
+    model, schedule = denoiser(), noise_schedule()
+    train(model, 60)
+    targets, hidden = batch(16)
+    shuffled = hidden[torch.roll(torch.arange(16), 1)]
+
+    def loss_with(h):
+        with torch.no_grad():
+            return denoising_loss(model, schedule, targets, h, repeat=8, generator=torch.Generator().manual_seed(123)).item()
+
+    assert loss_with(shuffled) > 1.2 * loss_with(hidden)
+
+
+def test_the_loss_trains_what_made_the_hidden_states():
+    model, schedule, (targets, hidden) = denoiser(), noise_schedule(), batch(8)
+    train(model, 3, n=8)  # past zero-init: the gradient flows back through the blocks
+    hidden = hidden.clone().requires_grad_(True)
+    denoising_loss(model, schedule, targets, hidden, repeat=2, generator=torch.Generator().manual_seed(0)).backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+def test_positions_tell_the_tokens_apart_and_refuse_odd_widths():
+    positions = sincos_positions(4, 16)
+    assert positions.shape == (16, 16) and len({tuple(p.tolist()) for p in positions}) == 16
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_positions(4, 18)
