@@ -165,6 +165,16 @@ def test_run_record_keeps_every_grid_run(tmp_path):
     assert [run["experiments"] for run in read_runs(record)] == [30, 15]
 
 
+def test_report_shows_the_pope_yes_ratio_and_compares_the_generation_metrics():
+    experiments = [_experiment(f"study-{c}-s{s}", 0.6, 1.0) for c in ("full", "c3") for s in range(2)]
+    for e in experiments:
+        e["data"]["metrics"]["reports/evaluate/metrics.json"]["data"]["finetune"].update(
+            pope_f1=0.667, pope_yes_ratio=1.0 if "c3" in e["name"] else 0.4, vqa_acc=0.5)
+    report = render(study_results(_exp_show(experiments)), [])
+    assert "| pope_f1 | pope_yes_ratio | vqa_acc |" in report and "| 1.000 ± 0.000 |" in report
+    assert "finetune cider +0.000 (within noise); finetune vqa_acc +0.000 (within noise)" in report
+
+
 def test_tables_with_the_same_rows_are_shown_once():
     results = study_results(_exp_show([_experiment(f"study-full-s{s}", 0.5, 1.0) for s in range(2)]))
     report = render(results, [])

@@ -63,7 +63,8 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
         "place (nats/token: what the model reads from the image; 0 = it ignores it); the ranked probes, the share of "
         "images for which the reference caption with the true garment class, colour or shape is more likely than "
         "the same caption naming a seeded other one (rank_*_acc, chance 0.5); the garment class named in the "
-        "generated caption (garment_acc), its CIDEr, POPE F1 and VQA exact match.",
+        "generated caption (garment_acc), its CIDEr, POPE F1 and yes-ratio (balanced probes: a model that always "
+        "says yes has yes-ratio 1 and F1 0.667 without reading the image) and VQA exact match.",
         "",
         "The paper's numbers (11-benchmark averages after both stages, 2M-text scale) are quoted for the ordering "
         "they claim, not for their scale: " + PAPER_TEXT,
@@ -115,7 +116,7 @@ def _section(title: str, keys: list[tuple[bool, str]], groups: dict, reference: 
 
 
 def _comparisons(present: list, groups: dict, reference: tuple[bool, str]) -> list[str]:
-    if reference not in present:
+    if reference not in present or len(present) < 2:
         return []
     lines = [f"Differences to {LABELS[reference[1]]} (positive: this condition is better):", ""]
     for key in present:

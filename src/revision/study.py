@@ -45,7 +45,7 @@ TABLES = {
     "What stage 1 trains on (cf. Tables 2 and 6)": ("none", "paired", "raw", "full"),
 }
 DOWNSTREAM = ("caption_nll", "image_gain", "rank_garment_acc", "rank_colour_acc", "rank_shape_acc", "garment_acc",
-              "cider", "pope_f1", "vqa_acc")  # fmt: skip
+              "cider", "pope_f1", "pope_yes_ratio", "vqa_acc")  # fmt: skip
 LOWER_IS_BETTER = {"caption_nll", "centroid_gap"}
 GAP = {  # column -> (section of reports/realign/metrics.json, key) for the aligned text
     "centroid_gap": ("after", "centroid_gap"),
@@ -55,7 +55,8 @@ GAP = {  # column -> (section of reports/realign/metrics.json, key) for the alig
     "probe_acc": ("probe_class_name", "text_aligned"),
 }
 HEADLINE = (("pretrain", "caption_nll"), ("pretrain", "image_gain"), ("pretrain", "rank_garment_acc"),
-            ("finetune", "caption_nll"), ("finetune", "image_gain"), ("finetune", "rank_garment_acc"))  # fmt: skip
+            ("finetune", "caption_nll"), ("finetune", "image_gain"), ("finetune", "rank_garment_acc"),
+            ("finetune", "cider"), ("finetune", "vqa_acc"))  # fmt: skip
 EVALUATION = EVALUATE_METRICS.as_posix()  # the keys of `dvc exp show --json` metrics
 NAME = re.compile(r"^study-(?:(?P<stress>stress)-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
 
