@@ -95,11 +95,16 @@ def harness(repo: Path, task: Path, out: Path, tasks: str, launch: list[str] | N
     return json.loads(results.read_text())["results"]
 
 
-@pytest.mark.slow
-def test_the_harness_scores_the_tiny_checkpoint_as_evaluate_does(tiny_repo, tmp_path):
+@pytest.fixture
+def task(tiny_repo, tmp_path) -> Path:
+    """The tiny eval set as lmms-eval tasks, written through the CLI (outside the shared tiny repository)."""
     needs_lmms_eval()
-    task = tmp_path / "task"
-    run(["revision", "lmms-task", "--out", str(task)], tiny_repo)
+    run(["revision", "lmms-task", "--out", str(tmp_path / "task")], tiny_repo)
+    return tmp_path / "task"
+
+
+@pytest.mark.slow
+def test_the_harness_scores_the_tiny_checkpoint_as_evaluate_does(tiny_repo, task, tmp_path):
     results = harness(tiny_repo, task, tmp_path / "out", "revision_eval")
     evaluated = json.loads((tiny_repo / "reports" / "evaluate" / "metrics.json").read_text())["finetune"]
     scored = {**results["revision_vqa"], **results["revision_pope"], **results["revision_ranked"]}
@@ -116,10 +121,7 @@ def test_the_harness_scores_the_tiny_checkpoint_as_evaluate_does(tiny_repo, tmp_
 
 
 @pytest.mark.slow
-def test_two_processes_share_the_requests_and_agree_with_one(tiny_repo, tmp_path):
-    needs_lmms_eval()
-    task = tmp_path / "task"
-    run(["revision", "lmms-task", "--out", str(task)], tiny_repo)
+def test_two_processes_share_the_requests_and_agree_with_one(tiny_repo, task, tmp_path):
     one = harness(tiny_repo, task, tmp_path / "one", "revision_vqa")
     launch = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu"]
     two = harness(tiny_repo, task, tmp_path / "two", "revision_vqa", launch)

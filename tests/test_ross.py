@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from revision.ross import STEPS, Denoiser, denoising_loss, noise_schedule, sincos_positions
+from revision.ross import (
+    STEPS,
+    Denoiser,
+    TargetTokenizer,
+    channel_stats,
+    denoising_loss,
+    noise_schedule,
+    sincos_positions,
+    standardize,
+)  # fmt: skip
 
 TARGET_DIM, HIDDEN, GRID = 8, 24, 2
 
@@ -87,3 +97,59 @@ def test_positions_tell_the_tokens_apart_and_refuse_odd_widths():
     assert positions.shape == (16, 16) and len({tuple(p.tolist()) for p in positions}) == 16
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_positions(4, 18)
+
+
+# ---------------------------------------------------------------- targets
+
+
+def images(n: int, size: int = 64, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def feature_targets() -> TargetTokenizer:
+    return TargetTokenizer(grid=4)
+
+
+def test_feature_targets_are_one_frozen_token_per_visual_token(feature_targets):
+    tokens = feature_targets(images(3))
+    assert tokens.shape == (3, 16, feature_targets.dim) and feature_targets.dim == 4 * 40  # EfficientNet stride 8: 40 ch
+    assert not any(p.requires_grad for p in feature_targets.parameters())
+    feature_targets.train()
+    assert torch.equal(feature_targets(images(3)), tokens)  # frozen batch norm, no dropout: the same targets
+    assert not torch.allclose(tokens[0], tokens[1])
+
+
+def test_each_token_folds_its_own_2x2_window_of_the_stride8_map(feature_targets):
+    image = images(1)
+    x = feature_targets._stem(feature_targets.tower.preprocess(image))
+    for block in feature_targets.tower.model._blocks[: feature_targets.blocks]:
+        x = block(x)
+    assert x.shape[-2:] == (8, 8)  # 64 px / 8
+    tokens = feature_targets(image)[0]
+    row, col = 2, 1  # token 9 covers rows 4-5, columns 2-3 of the map
+    window = x[0, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2]
+    assert torch.allclose(tokens[row * 4 + col].reshape(40, 2, 2), window, atol=1e-6)
+
+
+def test_pixel_targets_are_8x8_patches():
+    state = torch.random.get_rng_state()
+    tokenizer = TargetTokenizer(grid=2, kind="pixels")
+    assert torch.equal(torch.random.get_rng_state(), state)  # building it leaves the caller's seed alone
+    image = images(1, size=16)
+    tokens = tokenizer(image)
+    assert tokens.shape == (1, 4, 3 * 64)
+    pixels = tokenizer.tower.preprocess(image)[0]
+    assert torch.allclose(tokens[0, 1].reshape(3, 8, 8), pixels[:, :8, 8:])
+    with pytest.raises(ValueError, match="'features' or 'pixels'"):
+        TargetTokenizer(grid=2, kind="vae")
+
+
+def test_standardized_targets_have_zero_mean_and_unit_sd_per_channel():
+    tokens = torch.randn(10, 4, 6) * torch.arange(1, 7) + 3
+    mean, std = channel_stats(tokens)
+    flat = standardize(tokens, mean, std).reshape(-1, 6)
+    assert torch.allclose(flat.mean(0), torch.zeros(6), atol=1e-5) and torch.allclose(flat.std(0), torch.ones(6), atol=1e-5)

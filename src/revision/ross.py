@@ -114,3 +114,71 @@ def denoising_loss(
     t, noise = t.to(targets.device), noise.to(targets.device)
     noisy = schedule.add_noise(targets, noise, t)
     return F.mse_loss(denoiser(noisy, t, hidden).float(), noise.float())
+
+
+# ---------------------------------------------------------------- targets
+
+
+class TargetTokenizer(nn.Module):
+    """Ross's frozen fine-grained targets of an image, one token per visual token of a ``grid``×``grid`` map.
+
+    ``kind="features"`` stands in for the authors' VAE latent: the image at 16·grid px through the bundled
+    EfficientNet-Lite0 up to its last stride-8 block (a 2·grid map), each 2×2 window folded into channels.
+    ``kind="pixels"``: the image at 8·grid px, each 8×8 RGB patch one token. Standardise the tokens per channel
+    with statistics of the training split (``channel_stats``) before they become diffusion targets.
+    """
+
+    def __init__(self, grid: int, kind: str = "features"):
+        super().__init__()
+        from revision.encoders import ImageTower
+
+        if kind not in ("features", "pixels"):
+            raise ValueError(f"Ross targets are 'features' or 'pixels', got {kind!r}")
+        self.grid, self.kind = grid, kind
+        with torch.random.fork_rng():  # the tiny tower (pixels: only its preprocessing is used) seeds torch
+            self.tower = ImageTower("efficientnet_lite0" if kind == "features" else "tiny", (16 if kind == "features" else 8) * grid, 0)
+        self.tower.requires_grad_(False)
+        self.blocks = self._stride8_blocks() if kind == "features" else 0
+        self.dim = self(_blank(self.tower.image_size)).shape[-1]
+
+    def _stride8_blocks(self) -> int:
+        """How many EfficientNet blocks run before the map shrinks below stride 8."""
+        size = self.tower.image_size
+        x = self._stem(torch.zeros(1, 3, size, size))
+        last = 0
+        for index, block in enumerate(self.tower.model._blocks):
+            x = block(x)
+            if x.shape[-1] == size // 8:
+                last = index + 1
+        return last
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.tower.model
+        return model._swish(model._bn0(model._conv_stem(x)))
+
+    @torch.no_grad()
+    def forward(self, images: list) -> torch.Tensor:
+        """[B, grid², dim] target tokens, row-major like the visual tokens."""
+        x = self.tower.preprocess(images).to(next(self.tower.parameters()).device)
+        if self.kind == "features":
+            x = self._stem(x)
+            for block in self.tower.model._blocks[: self.blocks]:
+                x = block(x)
+        fold = x.shape[-1] // self.grid  # 2 for features, 8 for pixels
+        return F.pixel_unshuffle(x, fold).flatten(2).transpose(1, 2)
+
+
+def _blank(size: int) -> list:
+    from PIL import Image
+
+    return [Image.new("RGB", (size, size))]
+
+
+def channel_stats(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation over every token of every image ([N, grid², dim])."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).double()
+    return flat.mean(0).float(), flat.std(0).clamp(min=1e-6).float()
+
+
+def standardize(tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (tokens - mean) / std
