@@ -56,7 +56,7 @@ def main(
         if skip_done:
             from revision.study import pending
 
-            experiments = pending(experiments, finished_results(results))
+            experiments = pending(experiments, finished_results(results)[0])
         if not experiments:
             typer.echo("study: every experiment of this grid has results already")
             write_report(report, run_record, results)
@@ -97,14 +97,14 @@ def tracking_uri() -> str:
     return uri
 
 
-def finished_results(results_file: Path, with_saved: bool = False):
-    """Every finished study experiment: those saved in ``results_file`` merged with `dvc exp show`'s."""
+def finished_results(results_file: Path) -> tuple[list, list]:
+    """(every finished study experiment, those of them saved in ``results_file``): the saved ones merged with
+    `dvc exp show`'s."""
     from revision.study import merge_results, results_from_record, study_results
 
     shown = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True, check=True)
     saved = results_from_record(json.loads(results_file.read_text())) if results_file.is_file() else []
-    results = merge_results(saved, study_results(json.loads(shown.stdout)))
-    return (results, saved) if with_saved else results
+    return merge_results(saved, study_results(json.loads(shown.stdout))), saved
 
 
 def write_report(report: Path, run_record: Path, results_file: Path) -> None:
@@ -112,7 +112,7 @@ def write_report(report: Path, run_record: Path, results_file: Path) -> None:
     from revision.outputs import atomic_file
     from revision.study import results_record
 
-    results, saved = finished_results(results_file, with_saved=True)
+    results, saved = finished_results(results_file)
     if not results:
         raise InputError(f"no finished study experiments in `dvc exp show` or {results_file}; run `revision study` first")
     write_json(results_file, results_record(results))
