@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from revision import layout
-from revision.config import EmbedConfig, describe, load_stage_config, read_params
+from revision.config import EmbedConfig, blocks_of, describe, load_stage_config
 from revision.outputs import atomic_dir, write_json
 from revision.tracking import stage_run
 
@@ -40,7 +40,7 @@ def main(
     encoder.to(accelerator.device)
     jobs = jobs_from_manifests(prepared)
     is_main = accelerator.is_main_process
-    with stage_run(NAME, read_params(params)[NAME], is_main) as run:
+    with stage_run(NAME, blocks_of(params, NAME), is_main) as run:
         with atomic_dir(out, keep_partial=True) if is_main else nullcontext(out) as tmp:
             rates = embed_jobs(encoder, identity, jobs, tmp, cfg.batch_size, cfg.shard_size, accelerator, cfg.stress_shift)
         rows = {f"rows_{j.name}": len(j.ids) for j in jobs}

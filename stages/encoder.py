@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from revision import layout
-from revision.config import EncoderConfig, describe, load_stage_config, read_params
+from revision.config import EncoderConfig, blocks_of, describe, load_stage_config
 from revision.outputs import atomic_dir, atomic_file, write_json
 from revision.tracking import stage_run
 
@@ -39,7 +39,7 @@ def main(
     encoder = build_encoder(cfg)
     results: dict[str, float] = {}
     history: list[float] = []
-    with stage_run(NAME, read_params(params)[NAME]) as run, atomic_dir(out) as tmp:
+    with stage_run(NAME, blocks_of(params, NAME)) as run, atomic_dir(out) as tmp:
         if isinstance(encoder, LitEncoder):
             history, gaps = fit_lit_heads(encoder, prepared, cfg, run.log_metrics)
             if history:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from revision import layout
-from revision.config import EvaluateConfig, describe, load_stage_config, read_params
+from revision.config import EvaluateConfig, blocks_of, describe, load_stage_config
 from revision.errors import InputError
 from revision.outputs import atomic_dir, write_json
 from revision.tracking import stage_run
@@ -87,7 +87,7 @@ def main(
     eval_set = load_eval_set(prepared, images, cfg)
     metrics_inside = inside(metrics, predictions)
     results: dict[str, dict[str, float]] = {}
-    with stage_run(NAME, read_params(params)[NAME]) as run:
+    with stage_run(NAME, blocks_of(params, NAME)) as run:
         with CaptionScorer() as scorer, atomic_dir(predictions) as tmp:
             for name, checkpoint in zip(names, checkpoints):
                 model = load_mllm(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from revision import layout
-from revision.config import FinetuneConfig, describe, load_stage_config, read_params
+from revision.config import FinetuneConfig, RossConfig, blocks_of, describe, load_stage_config
 from revision.encoder_identity import require_same_encoder
 from revision.outputs import fingerprint, tree_digest
 from revision.tracking import stage_run
@@ -21,7 +21,9 @@ NAME = "finetune"
 HELP = (
     "Stage 2 (visual instruction tuning): real image embeddings and the SFT conversations (LLaVA JSON), loss "
     "on assistant turns only; the projector and the LM learn, through LoRA adapters (finetune.lora, merged "
-    "on save) or fully.\n\nParams read (params.yaml):\n\n" + describe(FinetuneConfig, "finetune")
+    "on save) or fully. With finetune.ross, Ross's denoiser (stage 1's, when it trained one) reconstructs each "
+    "image from the LM's states at the visual tokens.\n\nParams read (params.yaml):\n\n"
+    + describe(FinetuneConfig, "finetune") + "\n\n" + describe(RossConfig, "ross")
 )
 
 
@@ -51,10 +53,13 @@ def main(
     from accelerate.utils import set_seed
 
     from revision.embedding_sets import EmbeddingSet
+    from revision.layout import SFT
+    from revision.ross import attach_ross
     from revision.train import StageOutputs, make_accelerator, train_and_save
     from revision.training_data import sft_samples
 
     cfg: FinetuneConfig = load_stage_config(NAME, params)
+    ross_cfg: RossConfig | None = load_stage_config("ross", params) if cfg.ross else None
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     images = EmbeddingSet(embeddings / layout.SFT_IMAGES.name)
@@ -62,9 +67,14 @@ def main(
     fix = "re-run pretrain on this encoder's embeddings"
     require_same_encoder(model.config.encoder, f"{pretrained} (trained)", images.encoder, images.dir, fix)
     samples = sft_samples(images, prepared, cfg.max_samples, cfg.seed)
-    with stage_run(NAME, read_params(params)[NAME], accelerator.is_main_process) as run:
-        run_id = fingerprint(cfg.model_dump(), tree_digest(pretrained), samples.digest())
+    rebuild = lambda: load_finetunable(pretrained, cfg)  # noqa: E731
+    if ross_cfg:
+        model = attach_ross(model, samples, ross_cfg, prepared / SFT.file, previous=pretrained)
+        rebuild = lambda: model.like(load_finetunable(pretrained, cfg))  # noqa: E731
+    logged = blocks_of(params, NAME, *(["ross"] if cfg.ross else []))
+    with stage_run(NAME, logged, accelerator.is_main_process) as run:
+        ross = ross_cfg.model_dump() if ross_cfg else None
+        run_id = fingerprint(cfg.model_dump(), ross, tree_digest(pretrained), samples.digest())
         outputs = StageOutputs(out, metrics, loss_plot, checkpoints)
-        rebuild = lambda: load_finetunable(pretrained, cfg)  # noqa: E731
         summary = train_and_save(model, samples, cfg, accelerator, run, run_id, outputs, rebuild)
     typer.echo("finetune: " + json.dumps(summary))

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from revision import layout
-from revision.config import ModelConfig, describe, load_stage_config, read_params
+from revision.config import ModelConfig, blocks_of, describe, load_stage_config
 from revision.errors import InputError
 from revision.outputs import atomic_dir
 from revision.tracking import stage_run
@@ -29,7 +29,7 @@ def main(
     from revision.lm import LM_POINTER, bundled_gguf_path, convert_gguf, tiny_lm
 
     cfg: ModelConfig = load_stage_config("model", params)
-    with stage_run(NAME, read_params(params)["model"]), atomic_dir(out) as tmp:
+    with stage_run(NAME, blocks_of(params, "model")), atomic_dir(out) as tmp:
         if cfg.lm == "bundled":
             convert_gguf(bundled_gguf_path(), tmp)
         elif cfg.lm == "tiny":

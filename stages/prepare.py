@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from revision import layout
-from revision.config import PrepareConfig, describe, load_stage_config, read_params
+from revision.config import PrepareConfig, blocks_of, describe, load_stage_config
 from revision.outputs import atomic_dir, write_json
 from revision.tracking import stage_run
 
@@ -28,7 +28,7 @@ def main(
     from revision.prepare import distinct_corpus_texts, prepare
 
     cfg = load_stage_config(NAME, params)
-    with stage_run(NAME, read_params(params)[NAME]) as run, atomic_dir(out) as tmp:
+    with stage_run(NAME, blocks_of(params, NAME)) as run, atomic_dir(out) as tmp:
         counts = prepare(cfg, tmp)
         distinct = distinct_corpus_texts(tmp)
         run.log_metrics({f"rows_{k}": v for k, v in counts.items()} | {"distinct_captions": distinct})

@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 from revision import layout
-from revision.config import ModelConfig, PretrainConfig, describe, load_stage_config, read_params
+from revision.config import ModelConfig, PretrainConfig, RossConfig, blocks_of, describe, load_stage_config
+from revision.errors import InputError
 from revision.outputs import fingerprint
 from revision.tracking import stage_run
 
@@ -16,8 +17,10 @@ NAME = "pretrain"
 HELP = (
     "Stage 1 (modality-substitution pretraining): the LM stays frozen and the projector learns to map one "
     "embedding to visual prefix tokens whose answer is the text the embedding came from. pretrain.source picks "
-    "the input: aligned (ReVision), raw text embeddings, paired real images + captions, or none.\n\n"
-    "Params read (params.yaml):\n\n" + describe(PretrainConfig, "pretrain") + "\n\n" + describe(ModelConfig, "model")
+    "the input: aligned (ReVision), raw text embeddings, paired real images + captions, or none. With "
+    "pretrain.ross (paired only) Ross's denoiser reconstructs each image from the LM's states at the visual tokens."
+    "\n\nParams read (params.yaml):\n\n" + describe(PretrainConfig, "pretrain") + "\n\n"
+    + describe(ModelConfig, "model") + "\n\n" + describe(RossConfig, "ross")
 )
 
 
@@ -34,20 +37,30 @@ def main(
 ) -> None:
     from accelerate.utils import set_seed
 
+    from revision.layout import PRETRAIN_PAIRS
     from revision.mllm import freeze_lm, new_mllm
+    from revision.ross import attach_ross
     from revision.train import StageOutputs, make_accelerator, train_and_save
     from revision.training_data import stage1_samples
 
     cfg: PretrainConfig = load_stage_config(NAME, params)
     model_cfg: ModelConfig = load_stage_config("model", params)
+    ross_cfg: RossConfig | None = load_stage_config("ross", params) if cfg.ross else None
+    if cfg.ross and cfg.source != "paired":
+        raise InputError(f"{params}: pretrain.ross needs pretrain.source: paired; a {cfg.source!r} stage 1 has no "
+                         f"image to reconstruct (add Ross in stage 2 with finetune.ross instead)")  # fmt: skip
     accelerator = make_accelerator(cfg)
     set_seed(model_cfg.seed)
     samples, encoder = stage1_samples(cfg.source, prepared, embeddings, realign, cfg.max_samples, cfg.seed)
     build = lambda: freeze_lm(new_mllm(lm_dir, model_cfg, encoder, cfg.max_length))  # noqa: E731
-    model = build()
-    blocks = read_params(params)
-    with stage_run(NAME, {NAME: blocks[NAME], "model": blocks["model"]}, accelerator.is_main_process) as run:
-        run_id = fingerprint(cfg.model_dump(), model_cfg.model_dump(), encoder, samples.digest() if samples else None)
+    model, rebuild = build(), build
+    if cfg.ross:
+        model = attach_ross(model, samples, ross_cfg, prepared / PRETRAIN_PAIRS.file)
+        rebuild = lambda: model.like(build())  # noqa: E731
+    logged = blocks_of(params, NAME, "model", *(["ross"] if cfg.ross else []))
+    with stage_run(NAME, logged, accelerator.is_main_process) as run:
+        ross = ross_cfg.model_dump() if ross_cfg else None
+        run_id = fingerprint(cfg.model_dump(), model_cfg.model_dump(), ross, encoder, samples.digest() if samples else None)
         outputs = StageOutputs(out, metrics, loss_plot, checkpoints)
-        summary = train_and_save(model, samples, cfg, accelerator, run, run_id, outputs, build, {"source": cfg.source})
+        summary = train_and_save(model, samples, cfg, accelerator, run, run_id, outputs, rebuild, {"source": cfg.source})
     typer.echo(f"pretrain ({cfg.source}): " + json.dumps(summary))

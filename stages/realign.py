@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from revision import layout
-from revision.config import RealignConfig, Strict, describe, load_stage_config, read_params
+from revision.config import RealignConfig, Strict, blocks_of, describe, load_stage_config, read_params
 from revision.errors import InputError
 from revision.outputs import atomic_dir, write_json
 from revision.tracking import stage_run
@@ -113,7 +113,7 @@ def run_pipeline(params: Path, embeddings: Path, prepared: Path, out: Path, repo
     for other in list(sets.values())[1:]:
         check_encoders(text, other)
     check_paired(sets[layout.EVAL_TEXT.name], sets[layout.EVAL_IMAGES.name])
-    with stage_run(NAME, read_params(params)[NAME]) as run:
+    with stage_run(NAME, blocks_of(params, NAME)) as run:
         # both folders are renamed into place only once the aligned set and the whole report are done
         with atomic_dir(out) as data_tmp, atomic_dir(reports) as report_tmp:
             stats = fit(text, images, recipe_from(cfg), cfg.chunk_rows)

@@ -146,7 +146,7 @@ def test_answer_scores_call_an_answer_greedy_only_when_every_token_is_the_argmax
     targets, rows = torch.tensor([3, 1, 2, 0]), torch.tensor([0, 0, 1, 1])
     logits = torch.nn.functional.one_hot(targets, 5).float() * 4  # every answer token is the argmax ...
     logits[3] = torch.nn.functional.one_hot(torch.tensor(4), 5) * 4  # ... except the last token of row 1
-    monkeypatch.setattr(model, "_answer_logits", lambda batch: (logits, targets, rows))
+    monkeypatch.setattr(model, "_answer_logits", lambda batch: (logits, targets, rows, None))
     monkeypatch.setattr(model, "build_inputs", lambda embeddings, conversations: None)
     sums, counts, greedy = model.answer_scores(embeddings(2), CONVERSATIONS)
     assert greedy.tolist() == [True, False] and counts.tolist() == [2, 2]

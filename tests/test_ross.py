@@ -8,16 +8,24 @@ import numpy as np
 import pytest
 import torch
 
+from revision.config import RossConfig
+from revision.errors import InputError
+from revision.mllm import IMAGE_SLOT_ID, freeze_lm, load_mllm, save_mllm
 from revision.ross import (
+    ROSS_DIR,
     STEPS,
     Denoiser,
+    RossMLLM,
     TargetTokenizer,
+    attach_ross,
     channel_stats,
     denoising_loss,
     noise_schedule,
     sincos_positions,
     standardize,
 )  # fmt: skip
+from revision.training_data import EmbeddingConversations, collate
+from tests.helpers import tiny_mllm
 
 TARGET_DIM, HIDDEN, GRID = 8, 24, 2
 
@@ -153,3 +161,99 @@ def test_standardized_targets_have_zero_mean_and_unit_sd_per_channel():
     mean, std = channel_stats(tokens)
     flat = standardize(tokens, mean, std).reshape(-1, 6)
     assert torch.allclose(flat.mean(0), torch.zeros(6), atol=1e-5) and torch.allclose(flat.std(0), torch.ones(6), atol=1e-5)
+
+
+# ---------------------------------------------------------------- Ross as a training objective
+
+ROSS = RossConfig(weight=1.0, target="pixels", width=32, depth=1, heads=4, repeat=2, lr_scale=1.0)
+CAPTION = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "a red circle"}]
+
+
+def samples_with_images(folder, n: int = 6, dim: int = 16) -> EmbeddingConversations:
+    """``n`` samples whose images are PNG files in ``folder``, as the stages hand them to ``attach_ross``."""
+    paths = []
+    for i, image in enumerate(images(n, size=16)):
+        paths.append((i, folder / f"{i}.png"))
+        image.save(paths[-1][1])
+    vectors = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    return EmbeddingConversations(vectors, [CAPTION] * n, paths)
+
+
+@pytest.fixture
+def ross_model(tiny_lm_dir, tmp_path) -> tuple[RossMLLM, EmbeddingConversations]:
+    samples = samples_with_images(tmp_path)
+    mllm = freeze_lm(tiny_mllm(tiny_lm_dir, embed_dim=16, visual_tokens=4, encoder={"name": "test", "dim": 16}))
+    return attach_ross(mllm, samples, ROSS, tmp_path / "manifest.json"), samples
+
+
+def wake(denoiser: Denoiser) -> None:
+    """Give the zero-initialised layers small weights: at init the output ignores its conditioning (adaLN-Zero),
+    so no gradient reaches the hidden states until the denoiser has taken a step."""
+    torch.manual_seed(1)
+    for layer in [block.modulation for block in denoiser.blocks] + [denoiser.final_modulation, denoiser.out]:
+        torch.nn.init.normal_(layer.weight, std=0.05)
+
+
+def test_each_sample_gets_one_standardised_target_per_visual_token(ross_model):
+    model, samples = ross_model
+    assert samples.targets.shape == (6, model.mllm.config.visual_tokens, 3 * 64)
+    flat = samples.targets.reshape(-1, samples.targets.shape[-1])
+    assert torch.allclose(flat.mean(0), torch.zeros(flat.shape[1]), atol=1e-4)
+    vectors, conversations, targets = collate([samples[i] for i in range(3)])
+    losses = model(vectors, conversations, targets)
+    assert set(losses) == {"loss", "lm_loss", "denoise_loss"}
+    assert losses["denoise_loss"].item() == pytest.approx(1.0, abs=0.15)  # zero-init output: the noise's own variance
+    assert torch.allclose(losses["loss"], losses["lm_loss"] + losses["denoise_loss"])
+
+
+def test_denoising_gradient_reaches_the_lm_states_at_visual_positions_only(ross_model):
+    model, samples = ross_model
+    wake(model.denoiser)
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["final"] = output
+
+    model.mllm.lm.model.norm.register_forward_hook(keep)  # the LM's final hidden states
+    vectors, conversations, targets = collate([samples[i] for i in range(2)])
+    model(vectors, conversations, targets)["denoise_loss"].backward()
+    moved = captured["final"].grad.abs().sum(-1) > 0
+    batch = model.mllm.build_inputs(vectors, conversations)
+    visual = batch.input_ids == IMAGE_SLOT_ID
+    assert visual.sum() == 2 * 4 and torch.equal(moved, visual)
+    # stage 1: the LM is frozen, and the loss still trains the projector, through it
+    assert all(p.grad is None for p in model.mllm.lm.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mllm.projector.parameters())
+
+
+def test_ross_needs_square_visual_tokens_and_images(tiny_lm_dir, tmp_path):
+    mllm = tiny_mllm(tiny_lm_dir, embed_dim=16, visual_tokens=3, encoder={"name": "test", "dim": 16})
+    with pytest.raises(InputError, match="must be a square"):
+        attach_ross(mllm, samples_with_images(tmp_path), ROSS, tmp_path / "m.json")
+    text_only = EmbeddingConversations(np.zeros((2, 16), np.float32), [CAPTION] * 2)
+    with pytest.raises(InputError, match="m.json: Ross needs the image of every sample"):
+        attach_ross(mllm, text_only, ROSS, tmp_path / "m.json")
+
+
+def test_the_denoiser_is_saved_beside_the_checkpoint_and_never_used_to_answer(ross_model, tmp_path):
+    model, samples = ross_model
+    wake(model.denoiser)
+    with_ross, without = tmp_path / "with", tmp_path / "without"
+    with_ross.mkdir(), without.mkdir()
+    model.save(with_ross)
+    save_mllm(model.mllm, without)
+    assert (with_ross / ROSS_DIR / "denoiser.safetensors").exists() and not (without / ROSS_DIR).exists()
+    vectors = samples.vectors[:3]
+    answers = [load_mllm(folder).generate_batch(vectors, max_new_tokens=6) for folder in (with_ross, without)]
+    assert answers[0] == answers[1]
+    # stage 2 continues the saved denoiser, with the targets standardised as stage 1 did
+    (tmp_path / "sft").mkdir()
+    fresh = samples_with_images(tmp_path / "sft")
+    continued = attach_ross(load_mllm(with_ross), fresh, ROSS, tmp_path / "sft.json", previous=with_ross)
+    for name, value in model.denoiser.state_dict().items():
+        assert torch.equal(continued.denoiser.state_dict()[name], value), name
+    assert torch.equal(continued.target_mean, model.target_mean) and torch.equal(continued.target_std, model.target_std)
+    wider = ROSS.model_copy(update={"width": 64})
+    other = attach_ross(load_mllm(with_ross), fresh, wider, tmp_path / "sft.json", previous=with_ross)
+    assert torch.count_nonzero(other.denoiser.out.weight) == 0  # another shape: a fresh denoiser

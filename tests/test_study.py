@@ -47,9 +47,12 @@ def test_grid_is_every_condition_and_seed_plus_the_stress_world():
 
 
 def test_queue_command_writes_yaml_booleans():
-    command = queue_command(grid([0], PROFILE, 0.0)[-1])
+    command = queue_command(next(e for e in grid([0], PROFILE, 0.0) if e.name == "study-full-s0"))
     assert command[:6] == ["dvc", "exp", "run", "--queue", "--name", "study-full-s0"]
     assert "realign.centroid=true" in command and "pretrain.source=aligned" in command
+    assert "finetune.ross=false" in command and "pretrain.ross=false" in command
+    ross = queue_command(next(e for e in grid([0], PROFILE, 0.0) if e.name == "study-full_ross-s0"))
+    assert "finetune.ross=true" in ross and "pretrain.ross=false" in ross and "realign.centroid=true" in ross
 
 
 def test_noise_rule_uses_two_standard_errors():
@@ -106,10 +109,10 @@ def test_report_aggregates_seeds_and_says_what_is_within_noise():
     mean, sd = statistics.fmean([0.60, 0.62, 0.64]), statistics.stdev([0.60, 0.62, 0.64])
     # caption_nll, image_gain (not in these metrics), rank_garment_acc
     assert f"| ReAlign full (ReVision) | 1.000 ± 0.000 | — | {mean:.3f} ± {sd:.3f} |" in report
-    raw = next(line for line in report.splitlines() if line.startswith("- raw text (no alignment): "))
+    raw = next(line for line in report.splitlines() if line.startswith("- raw text (no alignment) vs ReAlign full"))
     assert "pretrain rank_garment_acc -0.210 (above noise)" in raw and "pretrain image_gain n/a" in raw
     assert "pretrain caption_nll -0.500 (above noise)" in raw  # lower NLL is better: raw is worse
-    assert re.search(r"ReAlign anchor only: .*pretrain rank_garment_acc [+-]0\.000 \(within noise\)", report)
+    assert re.search(r"ReAlign anchor only vs ReAlign full \(ReVision\): .*pretrain rank_garment_acc [+-]0\.000 \(within noise\)", report)
     assert "| raw text (no alignment) | 3 | 47.50 | 0.500 ± 0.000 |" in report  # raw text: the gap before alignment
     assert "Grid run: 10 experiments in 10.0 min, 1 at a time" in report
     assert "Grid run started 2026-12-01T19:35:00: 3 experiments (plain: full, stress: raw/anchor) in 2.0 min" in report
@@ -217,3 +220,17 @@ def test_skip_done_with_every_result_there_queues_nothing_and_writes_the_report(
     assert "every experiment of this grid has results already" in result.output
     assert "ReAlign full" in (tmp_path / "ablation.md").read_text() and not (tmp_path / "run.json").exists()
     assert not (tmp_path / ".dvc" / "tmp" / "exps").exists()  # nothing was queued
+
+
+def test_ross_conditions_are_compared_with_the_same_recipe_without_ross():
+    names = ("paired", "paired_ross", "full", "full_ross")
+    report = render(study_results(_exp_show([_experiment(f"study-{c}-s{s}", 0.6, 1.0) for c in names for s in range(2)])), [])
+    ross = report[report.index("## Ross's reconstruction loss") :]
+    lines = [line for line in ross.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in lines] == [
+        "- paired images (LLaVA-style) vs ReAlign full (ReVision)",
+        "- paired images + Ross (both stages) vs paired images (LLaVA-style)",
+        "- ReAlign full + Ross (stage 2) vs ReAlign full (ReVision)",
+    ]
+    only_paired_and_full = render(study_results(_exp_show([_experiment(f"study-{c}-s0", 0.6, 1.0) for c in ("paired", "full")])), [])
+    assert "## Ross's" not in only_paired_and_full  # no Ross row: the table would repeat rows shown before

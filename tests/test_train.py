@@ -74,6 +74,47 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, make_model, leng
         torch.testing.assert_close(resumed_model.state_dict()[name], tensor)
 
 
+def _two_part_loss(model, batch):
+    """Named losses, one drawing fresh noise from the global RNG each step (as Ross's timesteps and noise do)."""
+    x, y = batch
+    fit = torch.nn.functional.mse_loss(model[1](model[0](x)).squeeze(-1), y)
+    noisy = (model[0](x + torch.randn_like(x)) ** 2).mean()
+    return {"loss": fit + 0.1 * noisy, "fit": fit, "noisy": noisy}
+
+
+def _two_part_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Linear(5, 1))
+
+
+def test_named_losses_are_logged_and_resume_with_their_noise_and_param_groups(tmp_path):
+    def run(folder, loss, logged=None):
+        model = _two_part_model()
+        groups = [{"params": model[0].parameters(), "lr": CFG.lr * 0.1}, {"params": model[1].parameters()}]
+        log = (lambda metrics, step: logged.append(metrics)) if logged is not None else (lambda metrics, step: None)
+        return train(model, _data(), _collate, loss, CFG, Accelerator(cpu=True), folder, "fp", log, param_groups=groups)
+
+    logged = []
+    reference, full = run(tmp_path / "a", _two_part_loss, logged)
+    assert set(full[0]) == {"step", "loss", "lr", "fit", "noisy"} and set(logged[0]) == {"loss", "lr", "fit", "noisy"}
+    assert full[0]["loss"] == pytest.approx(full[0]["fit"] + 0.1 * full[0]["noisy"], rel=1e-6)
+    calls = {"n": 0}
+
+    def crashing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 11:  # after the checkpoint at step 8
+            raise KeyboardInterrupt
+        return _two_part_loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", crashing)
+    resumed_model, resumed = run(tmp_path / "b", _two_part_loss)  # every run starts from seed 0: the noise of
+    # steps 9-24 matches only if the RNG state comes back from the checkpoint
+    assert [r["noisy"] for r in resumed] == pytest.approx([r["noisy"] for r in full], rel=1e-6)
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], tensor)
+
+
 def test_checkpoint_of_other_params_is_ignored(tmp_path):
     train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "old-params")
     _, history = train(_model(), _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path, "new-params")

@@ -11,6 +11,7 @@ from revision.study import (
     LABELS,
     LOWER_IS_BETTER,
     PAPER,
+    REFERENCE,
     STRESS_CONDITIONS,
     TABLES,
     Result,
@@ -32,15 +33,15 @@ def render(results: list[Result], runs: list[dict]) -> str:
     for result in results:
         groups[(result.stress, result.condition)].append(result)
     lines = _header(results, groups, runs)
-    shown: set[tuple] = set()
+    shown: list[set] = []
     for title, conditions in TABLES.items():
-        present = tuple(c for c in conditions if groups.get((False, c)))
-        if present not in shown:  # a part of the grid can leave several tables with the same rows
-            shown.add(present)
-            lines += _section(title, [(False, c) for c in present], groups, "full")
+        present = [c for c in conditions if groups.get((False, c))]
+        if not any(set(present) <= rows for rows in shown):  # part of a grid can leave a table with rows shown before
+            shown.append(set(present))
+            lines += _section(title, [(False, c) for c in present], groups)
     stressed = [(True, c) for c in STRESS_CONDITIONS]
     shift = _stress_shift(results)
-    lines += _section(f"Under the gap stress (embed.stress_shift = {shift})", stressed, groups, "full", stress=True)
+    lines += _section(f"Under the gap stress (embed.stress_shift = {shift})", stressed, groups, stress=True)
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +90,7 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
     return lines
 
 
-def _section(title: str, keys: list[tuple[bool, str]], groups: dict, reference: str, stress: bool = False) -> list[str]:
+def _section(title: str, keys: list[tuple[bool, str]], groups: dict, stress: bool = False) -> list[str]:
     present = [k for k in keys if groups.get(k)]
     if not present:
         return []
@@ -111,24 +112,25 @@ def _section(title: str, keys: list[tuple[bool, str]], groups: dict, reference: 
             cells = [summarize(downstream(r, checkpoint, m) for r in groups[key]).cell() for m in DOWNSTREAM]
             lines.append(_row([LABELS[key[1]], *cells]))
         lines.append("")
-    lines += _comparisons(present, groups, (stress, reference))
+    lines += _comparisons(present, groups, stress)
     return lines
 
 
-def _comparisons(present: list, groups: dict, reference: tuple[bool, str]) -> list[str]:
-    if reference not in present or len(present) < 2:
+def _comparisons(present: list, groups: dict, stress: bool) -> list[str]:
+    """Each condition against its reference (``REFERENCE``: the same recipe without Ross; else full ReAlign)."""
+    pairs = [(key, (stress, REFERENCE.get(key[1], "full"))) for key in present]
+    pairs = [(key, reference) for key, reference in pairs if key != reference and reference in present]
+    if not pairs:
         return []
-    lines = [f"Differences to {LABELS[reference[1]]} (positive: this condition is better):", ""]
-    for key in present:
-        if key == reference:
-            continue
+    lines = ["Differences to the reference condition (positive: this condition is better):", ""]
+    for key, reference in pairs:
         parts = []
         for checkpoint, metric in HEADLINE:
             a = summarize(downstream(r, checkpoint, metric) for r in groups[key])
             b = summarize(downstream(r, checkpoint, metric) for r in groups[reference])
             step = resolution([*groups[key], *groups[reference]], checkpoint, metric)
             parts.append(f"{checkpoint} {metric} {_difference(a, b, metric, step)}")
-        lines.append(f"- {LABELS[key[1]]}: " + "; ".join(parts))
+        lines.append(f"- {LABELS[key[1]]} vs {LABELS[reference[1]]}: " + "; ".join(parts))
     return lines + [""]
 
 

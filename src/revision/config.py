@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from revision.errors import InputError
 
@@ -159,6 +159,7 @@ class PretrainConfig(TrainConfig):
         description="aligned (ReVision: realigned text embeddings) | raw (unaligned text embeddings) | paired "
         "(real image embeddings + captions of the pretrain split) | none (skip stage 1)",
     )
+    ross: bool = Field(description="add Ross's reconstruction loss (the ross block); needs source: paired")
 
 
 class FinetuneConfig(TrainConfig):
@@ -167,6 +168,29 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: int = Field(ge=1)
     lora_dropout: float = Field(ge=0, lt=1)
     lora_targets: list[str] = Field(description="modules LoRA wraps")
+    ross: bool = Field(description="add Ross's reconstruction loss (the ross block), continuing stage 1's denoiser if it has one")
+
+
+class RossConfig(Strict):
+    """Ross: a denoiser, reading the LM's final hidden states at the visual positions, reconstructs fine-grained
+    tokens of the image (one per visual token, so model.visual_tokens must be a square, g x g)."""
+
+    weight: float = Field(gt=0, description="weight of the denoising loss added to the LM loss")
+    target: Literal["features", "pixels"] = Field(
+        description="features (EfficientNet-Lite0's stride-8 map of the image at 16g px, 2x2 folded into channels) "
+        "| pixels (the image at 8g px, 8x8 RGB patches)"
+    )
+    width: int = Field(ge=4, multiple_of=4, description="denoiser width (its 2-D sin-cos positions need a multiple of 4)")
+    depth: int = Field(ge=1, description="denoiser blocks (adaLN-Zero self-attention + MLP)")
+    heads: int = Field(ge=1, description="attention heads per block (must divide width)")
+    repeat: int = Field(ge=1, description="noised copies of each image per step, each with its own timestep")
+    lr_scale: float = Field(gt=0, description="denoiser learning rate as a multiple of the stage's lr")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide width ({self.width})")
+        return self
 
 
 class EvaluateConfig(Strict):
@@ -187,6 +211,7 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
+    "ross": RossConfig,
     "evaluate": EvaluateConfig,
 }
 
@@ -217,6 +242,12 @@ def load_stage_config(stage: str, path: str | Path = "params.yaml", model: type[
             f"{stage}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         )
         raise InputError(f"{path}: {problems}") from None
+
+
+def blocks_of(path: str | Path, *names: str) -> dict[str, object]:
+    """The named blocks of a params file (what a stage read, for its MLflow run)."""
+    params = read_params(path)
+    return {name: params[name] for name in names}
 
 
 def normalized_block(stage: str, block: object) -> object:

@@ -111,8 +111,20 @@ class MLLM(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> torch.Tensor:
         """Mean cross-entropy over the assistant answer tokens of the batch."""
-        logits, targets, _ = self._answer_logits(self.build_inputs(embeddings, conversations))
+        logits, targets, _, _ = self._answer_logits(self.build_inputs(embeddings, conversations))
         return nn.functional.cross_entropy(logits.float(), targets)
+
+    def loss_and_visual_states(
+        self, embeddings: torch.Tensor, conversations: Sequence[Conversation]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s loss and the LM's final hidden states at the visual positions, [B, visual_tokens, hidden]."""
+        batch = self.build_inputs(embeddings, conversations)
+        logits, targets, _, output = self._answer_logits(batch, output_hidden_states=True)
+        final = output.hidden_states[-1]
+        start = torch.tensor(batch.image_start, device=final.device)[:, None]
+        visual = start + torch.arange(self.config.visual_tokens, device=final.device)
+        rows = torch.arange(final.shape[0], device=final.device)[:, None]
+        return nn.functional.cross_entropy(logits.float(), targets), final[rows, visual]
 
     def logits(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> torch.Tensor:
         batch = self.build_inputs(embeddings, conversations)
@@ -128,7 +140,7 @@ class MLLM(nn.Module):
         self, embeddings: torch.Tensor, conversations: Sequence[Conversation]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``answer_nll`` and, per conversation, whether greedy decoding would produce its answer tokens."""
-        logits, targets, rows = self._answer_logits(self.build_inputs(embeddings, conversations))
+        logits, targets, rows, _ = self._answer_logits(self.build_inputs(embeddings, conversations))
         nll = nn.functional.cross_entropy(logits.float(), targets, reduction="none").cpu()
         missed = (logits.argmax(-1) != targets).cpu().double()
         n, rows = len(conversations), rows.cpu()
@@ -182,15 +194,17 @@ class MLLM(nn.Module):
     def _lm_forward(self, batch: MLLMBatch, **kwargs: Any) -> Any:
         return self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
 
-    def _answer_logits(self, batch: MLLMBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits at the positions that predict an answer token, those tokens, and their batch rows. The LM
-        head runs only there: over a 49k vocabulary it is a fifth of a small LM's cost per position."""
+    def _answer_logits(self, batch: MLLMBatch, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """Logits at the positions that predict an answer token, those tokens, their batch rows, and the LM's
+        whole output (``kwargs`` go to the LM). The LM head runs only there: over a 49k vocabulary it is a fifth
+        of a small LM's cost per position."""
         predicts = torch.zeros_like(batch.labels, dtype=torch.bool)
         predicts[:, :-1] = batch.labels[:, 1:] != IGNORE_INDEX
-        logits = self._lm_forward(batch, logits_to_keep=predicts).logits
+        output = self._lm_forward(batch, logits_to_keep=predicts, **kwargs)
+        logits = output.logits
         if logits.ndim == 3:  # a model that ignores logits_to_keep
             logits = logits[predicts.to(logits.device)]
-        return logits, batch.labels[:, 1:][predicts[:, :-1]].to(logits.device), predicts.nonzero()[:, 0]
+        return logits, batch.labels[:, 1:][predicts[:, :-1]].to(logits.device), predicts.nonzero()[:, 0], output
 
     def _pieces(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[_Piece]:
         pieces: list[_Piece] = []

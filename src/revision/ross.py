@@ -10,13 +10,24 @@ with its own timestep and noise. The loss trains whatever produced ``h``; infere
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from revision.config import RossConfig
+from revision.errors import InputError
+from revision.images import read_rows
+from revision.mllm import MLLM, save_mllm
+
 STEPS = 1000
+ROSS_DIR = "ross"  # in a checkpoint folder: the denoiser and its target statistics (training only)
+TARGET_BATCH = 64
 
 
 def noise_schedule():
@@ -182,3 +193,91 @@ def channel_stats(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def standardize(tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return (tokens - mean) / std
+
+
+# ---------------------------------------------------------------- Ross as a training objective
+
+
+class RossMLLM(nn.Module):
+    """An MLLM trained with Ross's loss: LM loss + ``weight`` × denoising loss of the image's target tokens,
+    conditioned on the LM's final hidden states at the visual positions. Batches carry standardised targets."""
+
+    def __init__(self, mllm: MLLM, denoiser: Denoiser, settings: dict[str, Any], mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.mllm, self.denoiser, self.settings = mllm, denoiser.to(mllm.device), settings
+        self.register_buffer("target_mean", mean.to(mllm.device))
+        self.register_buffer("target_std", std.to(mllm.device))
+        self.schedule = noise_schedule()
+
+    def forward(self, embeddings: torch.Tensor, conversations: list, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        lm_loss, hidden = self.mllm.loss_and_visual_states(embeddings, conversations)
+        denoise = denoising_loss(self.denoiser, self.schedule, targets.to(hidden.device), hidden, self.settings["repeat"])
+        return {"loss": lm_loss + self.settings["weight"] * denoise, "lm_loss": lm_loss, "denoise_loss": denoise}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The MLLM's trainable weights at ``lr``, the denoiser's at ``lr`` × lr_scale."""
+        trained = [p for p in self.mllm.parameters() if p.requires_grad]
+        return [{"params": trained}, {"params": list(self.denoiser.parameters()), "lr": lr * self.settings["lr_scale"]}]
+
+    def like(self, mllm: MLLM) -> RossMLLM:
+        """A model of the same shape around ``mllm`` (to load a trained state into)."""
+        return RossMLLM(mllm, Denoiser(**self.settings["denoiser"]), self.settings, self.target_mean, self.target_std)
+
+    def save(self, folder: Path) -> None:
+        """The MLLM as every checkpoint, plus ``ross/``: the denoiser, its settings and the target statistics."""
+        save_mllm(self.mllm, folder)
+        (folder / ROSS_DIR).mkdir()
+        tensors = {f"denoiser.{k}": v.contiguous().cpu() for k, v in self.denoiser.state_dict().items()}
+        tensors |= {"target_mean": self.target_mean.cpu(), "target_std": self.target_std.cpu()}
+        save_file(tensors, folder / ROSS_DIR / "denoiser.safetensors")
+        (folder / ROSS_DIR / "ross.json").write_text(json.dumps(self.settings, indent=1))
+
+
+def target_tokens(tokenizer: TargetTokenizer, images: list[tuple[int, Path]], where: Path) -> torch.Tensor:
+    """[N, grid², dim] raw target tokens of the images given as (manifest row, path)."""
+    batches = [tokenizer(read_rows(images[i : i + TARGET_BATCH], where)) for i in range(0, len(images), TARGET_BATCH)]
+    return torch.cat(batches).cpu()
+
+
+def grid_of(visual_tokens: int) -> int:
+    grid = math.isqrt(visual_tokens)
+    if grid * grid != visual_tokens:
+        raise InputError(f"Ross reconstructs one target per visual token on a square grid: model.visual_tokens "
+                         f"must be a square (4, 9, 16, ...), got {visual_tokens}")  # fmt: skip
+    return grid
+
+
+def attach_ross(mllm: MLLM, samples, cfg: RossConfig, where: Path, previous: Path | None = None) -> RossMLLM:
+    """``mllm`` with Ross's loss, and ``samples`` given their standardised target tokens. A ``previous``
+    checkpoint trained with Ross (stage 1) hands on its denoiser and target statistics when its settings match
+    ``cfg``; otherwise the denoiser starts fresh and the statistics come from these samples."""
+    if samples.images is None:
+        raise InputError(f"{where}: Ross needs the image of every sample, and these samples have none")
+    grid = grid_of(mllm.config.visual_tokens)
+    tokenizer = TargetTokenizer(grid, cfg.target)
+    targets = target_tokens(tokenizer, samples.images, where)
+    hidden_size = mllm.lm.get_input_embeddings().embedding_dim
+    shape = {"target_dim": tokenizer.dim, "hidden_size": hidden_size, "grid": grid, "width": cfg.width,
+             "depth": cfg.depth, "heads": cfg.heads}  # fmt: skip
+    settings = {**cfg.model_dump(), "denoiser": shape}
+    denoiser, stats = Denoiser(**shape), None
+    kept = _previous_denoiser(previous, settings) if previous is not None else None
+    if kept is not None:
+        denoiser, stats = kept
+    mean, std = stats or channel_stats(targets)
+    samples.targets = standardize(targets, mean, std)
+    return RossMLLM(mllm, denoiser, settings, mean, std)
+
+
+def _previous_denoiser(folder: Path, settings: dict) -> tuple[Denoiser, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The denoiser and target statistics a checkpoint saved, if it has them with the same targets and shape."""
+    config = folder / ROSS_DIR / "ross.json"
+    if not config.exists():
+        return None
+    saved = json.loads(config.read_text())
+    if saved["target"] != settings["target"] or saved["denoiser"] != settings["denoiser"]:
+        return None
+    tensors = load_file(folder / ROSS_DIR / "denoiser.safetensors")
+    denoiser = Denoiser(**saved["denoiser"])
+    denoiser.load_state_dict({k.removeprefix("denoiser."): v for k, v in tensors.items() if k.startswith("denoiser.")})
+    return denoiser, (tensors["target_mean"], tensors["target_std"])

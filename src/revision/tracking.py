@@ -102,9 +102,10 @@ def pipeline_parent(experiment_id: str, tags: dict[str, str]) -> str | None:
 
 
 @contextmanager
-def stage_run(stage: str, params: dict, is_main: bool = True) -> Iterator[StageRun]:
-    """Open one MLflow run for ``stage`` with its params and DVC/git tags (main process only), nested under
-    the pipeline's parent run when DVC runs the stage."""
+def stage_run(stage: str, blocks: dict[str, object], is_main: bool = True) -> Iterator[StageRun]:
+    """Open one MLflow run for ``stage`` with the params ``blocks`` it read (block name -> block, logged as
+    ``block.key``) and DVC/git tags (main process only), nested under the pipeline's parent run when DVC runs
+    the stage."""
     if not is_main:
         yield StageRun(False)
         return
@@ -122,7 +123,8 @@ def stage_run(stage: str, params: dict, is_main: bool = True) -> Iterator[StageR
     status = "FAILED"
     try:
         with mlflow.start_run(run_name=stage, tags={**tags, "stage": stage}, parent_run_id=parent_id):
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(normalized_block(stage, params), f"{stage}.").items()})
+            named = flatten({name: normalized_block(name, block) for name, block in blocks.items()})
+            mlflow.log_params({k: str(v)[:500] for k, v in named.items()})
             yield StageRun(True, stage, parent_id)
         status = "FINISHED"
     finally:

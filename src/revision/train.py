@@ -25,6 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 from revision.config import TrainConfig
 from revision.mllm import MLLM, save_mllm
 from revision.outputs import atomic_dir, atomic_file, write_json
+from revision.ross import RossMLLM
 from revision.tracking import StageRun
 from revision.training_data import EmbeddingConversations, collate
 
@@ -101,17 +102,19 @@ def train(
     fingerprint: str,
     log: Callable[[dict, int], None] = lambda metrics, step: None,
     lengths: Sequence[int] | None = None,
+    param_groups: list[dict] | None = None,
 ) -> tuple[torch.nn.Module, list[dict]]:
-    """Train the parameters of ``model`` that require grad; returns the prepared (wrapped) model, which
-    ``accelerator.get_state_dict`` needs under ZeRO-3 or FSDP, and one row per optimizer step. Given sample
-    ``lengths``, batches group samples of similar length (``epoch_order``)."""
+    """Train the parameters of ``model`` that require grad (or the optimizer's ``param_groups``); returns the
+    prepared (wrapped) model, which ``accelerator.get_state_dict`` needs under ZeRO-3 or FSDP, and one row per
+    optimizer step. ``loss_fn`` returns the loss, or a dict of named losses whose "loss" is trained and whose
+    every entry is logged. Given sample ``lengths``, batches group samples of similar length (``epoch_order``)."""
     accum = accelerator.gradient_accumulation_steps
     # each process sees its own share of every epoch, ``batch_size`` samples at a time
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * accelerator.num_processes))
     steps_per_epoch = max(1, batches_per_epoch // accum)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups or trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
     deepspeed = accelerator.state.deepspeed_plugin
     if deepspeed is not None and deepspeed.is_auto("train_micro_batch_size_per_gpu"):
@@ -137,8 +140,9 @@ def train(
             if batch_index >= (steps_per_epoch - done_in_epoch) * accum:
                 break  # a ragged tail shorter than one accumulation window is skipped, the same way every run
             with accelerator.accumulate(model):
-                loss = loss_fn(model, batch)
-                accelerator.backward(loss)
+                losses = loss_fn(model, batch)
+                losses = losses if isinstance(losses, dict) else {"loss": losses}
+                accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
@@ -147,9 +151,10 @@ def train(
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            row = {"step": step, "loss": accelerator.gather(loss.detach()).mean().item(), "lr": scheduler.get_last_lr()[0]}
+            means = {name: accelerator.gather(value.detach()).mean().item() for name, value in losses.items()}
+            row = {"step": step, "loss": means.pop("loss"), "lr": scheduler.get_last_lr()[0], **means}
             history.append(row)
-            log({"loss": row["loss"], "lr": row["lr"]}, step)
+            log({name: value for name, value in row.items() if name != "step"}, step)
             progress.update(1)
             progress.set_postfix(loss=f"{row['loss']:.3f}")
             if step % cfg.checkpoint_every == 0 and step < total_steps:
@@ -182,33 +187,39 @@ def loop_config(cfg: TrainConfig) -> LoopConfig:
     return LoopConfig(cfg.seed, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.checkpoint_every)
 
 
+def loss_names(history: list[dict]) -> list[str]:
+    """"loss" and whatever named parts the rows also carry (Ross: lm_loss, denoise_loss)."""
+    return ["loss"] + [name for name in (history[0] if history else {}) if name not in ("step", "loss", "lr")]
+
+
 def loss_summary(history: list[dict], window: int = 10) -> dict[str, float]:
-    """Mean loss over the first and last ``window`` optimizer steps (single steps are noisy)."""
+    """Mean of each loss over the first and last ``window`` optimizer steps (single steps are noisy)."""
     if not history:
         return {"steps": 0}
-    losses = [row["loss"] for row in history]
-    window = max(1, min(window, len(losses) // 2))  # the two windows never overlap
-    return {
-        "steps": len(history),
-        "loss_first": sum(losses[:window]) / len(losses[:window]),
-        "loss_last": sum(losses[-window:]) / len(losses[-window:]),
-    }
+    window = max(1, min(window, len(history) // 2))  # the two windows never overlap
+    summary: dict[str, float] = {"steps": len(history)}
+    for name in loss_names(history):
+        values = [row[name] for row in history]
+        summary[f"{name}_first"] = sum(values[:window]) / window
+        summary[f"{name}_last"] = sum(values[-window:]) / window
+    return summary
 
 
 def write_loss_csv(path: Path, history: list[dict]) -> None:
+    columns = ["step", "loss", "lr"] + loss_names(history)[1:]
     with atomic_file(path) as tmp:
-        pd.DataFrame(history, columns=["step", "loss", "lr"]).to_csv(tmp, index=False)
+        pd.DataFrame(history, columns=columns).to_csv(tmp, index=False)
 
 
 def train_and_save(
-    model: MLLM,
+    model: MLLM | RossMLLM,
     samples: EmbeddingConversations | None,
     cfg: TrainConfig,
     accelerator: Accelerator,
     run: StageRun,
     run_id: str,
     outputs: StageOutputs,
-    rebuild: Callable[[], MLLM],
+    rebuild: Callable[[], MLLM | RossMLLM],
     extra: dict | None = None,
 ) -> dict:
     """Train (unless ``samples`` is None; ``run_id`` fingerprints the inputs a checkpoint may be resumed
@@ -219,10 +230,11 @@ def train_and_save(
     of the same shape: under ZeRO-3 or FSDP the trained model only holds this process's shard."""
     history = []
     if samples is not None:
-        loss = lambda m, batch: m(batch[0], batch[1])  # noqa: E731
+        loss = lambda m, batch: m(*batch)  # noqa: E731
+        groups = model.param_groups(cfg.lr) if isinstance(model, RossMLLM) else None
         model, history = train(
             model, samples, collate, loss, loop_config(cfg), accelerator, outputs.checkpoints, run_id,
-            run.log_metrics, samples.lengths(),
+            run.log_metrics, samples.lengths(), groups,
         )
     state = accelerator.get_state_dict(model)  # every process takes part: sharded weights are gathered here
     summary = {**(extra or {}), "samples": len(samples) if samples is not None else 0, **loss_summary(history)}
@@ -231,7 +243,7 @@ def train_and_save(
         trained = rebuild()
         trained.load_state_dict(state)
         with atomic_dir(outputs.model) as tmp:
-            save_mllm(trained, tmp)
+            trained.save(tmp) if isinstance(trained, RossMLLM) else save_mllm(trained, tmp)
         write_json(outputs.metrics, summary)
         write_loss_csv(outputs.loss_curve, history)
         shutil.rmtree(outputs.checkpoints, ignore_errors=True)

@@ -35,30 +35,43 @@ from revision.layout import (
 
 
 class EmbeddingConversations(Dataset):
-    def __init__(self, vectors: np.ndarray, conversations: list[list[dict[str, str]]]):
+    """(embedding, conversation) samples; ``images`` are the (manifest row, path) of each sample's image where it
+    has one (stage-1 text has none), and ``targets`` optional per-sample tensors every item then carries too
+    (Ross's target tokens)."""
+
+    def __init__(
+        self, vectors: np.ndarray, conversations: list[list[dict[str, str]]],
+        images: list[tuple[int, Path]] | None = None,
+    ):  # fmt: skip
         if len(vectors) != len(conversations):
             raise ValueError(f"{len(vectors)} embeddings for {len(conversations)} conversations")
         self.vectors, self.conversations = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)), conversations
+        self.images, self.targets = images, None
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, index: int):
-        return self.vectors[index], self.conversations[index]
+        item = self.vectors[index], self.conversations[index]
+        return item if self.targets is None else (*item, self.targets[index])
 
     def lengths(self) -> list[int]:
         """Characters per conversation, which track its tokens closely enough to batch by length."""
         return [sum(len(turn["value"]) for turn in conversation) for conversation in self.conversations]
 
     def digest(self) -> str:
-        """Changes whenever any vector or conversation does (so a stale checkpoint is never resumed)."""
+        """Changes whenever any vector, conversation or target does (so a stale checkpoint is never resumed)."""
         content = hashlib.sha256(self.vectors.numpy().tobytes())
         content.update(json.dumps(self.conversations, sort_keys=True).encode())
+        if self.targets is not None:
+            content.update(self.targets.numpy().tobytes())
         return content.hexdigest()
 
 
-def collate(rows: list) -> tuple[torch.Tensor, list]:
-    return torch.stack([r[0] for r in rows]), [r[1] for r in rows]
+def collate(rows: list) -> tuple:
+    """(embeddings, conversations) of a batch, and the stacked targets when the samples carry them."""
+    vectors, conversations, *targets = zip(*rows)
+    return (torch.stack(vectors), list(conversations), *(torch.stack(t) for t in targets))
 
 
 def vectors_by_id(embeddings: EmbeddingSet, ids: list[str], manifest: Path, rows: list[int] | None = None) -> np.ndarray:
@@ -91,7 +104,7 @@ def caption_samples(
         [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"}, {"from": "gpt", "value": text}]
         for text in table[text_column]
     ]
-    return EmbeddingConversations(vectors, conversations)
+    return EmbeddingConversations(vectors, conversations, _image_rows(table, keep, manifest.parent))
 
 
 # pretrain.source -> (the embedding set stage 1 reads, given the embeddings and realign folders; the manifest
@@ -122,4 +135,11 @@ def sft_samples(images: EmbeddingSet, prepared: Path, max_samples: int | None, s
     keep = subsample(len(records), max_samples, seed)
     records = records.iloc[keep]
     vectors = vectors_by_id(images, records["id"].tolist(), prepared / SFT.file, keep)
-    return EmbeddingConversations(vectors, records["conversations"].tolist())
+    return EmbeddingConversations(vectors, records["conversations"].tolist(), _image_rows(records, keep, prepared))
+
+
+def _image_rows(table: pd.DataFrame, rows: list[int], prepared: Path) -> list[tuple[int, Path]] | None:
+    """(manifest row, image path) of each sample, for a manifest with images."""
+    if "image" not in table.columns:
+        return None
+    return [(row, prepared / path) for row, path in zip(rows, table["image"])]
