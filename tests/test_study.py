@@ -232,5 +232,6 @@ def test_ross_conditions_are_compared_with_the_same_recipe_without_ross():
         "- paired images + Ross (both stages) vs paired images (LLaVA-style)",
         "- ReAlign full + Ross (stage 2) vs ReAlign full (ReVision)",
     ]
+    assert "| paired images + Ross (both stages) | 2 | — | — | — | — | — | — |" in ross  # no text in stage 1: no gap
     only_paired_and_full = render(study_results(_exp_show([_experiment(f"study-{c}-s0", 0.6, 1.0) for c in ("paired", "full")])), [])
     assert "## Ross's" not in only_paired_and_full  # no Ross row: the table would repeat rows shown before

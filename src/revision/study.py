@@ -184,7 +184,7 @@ def downstream(result: Result, checkpoint: str, metric: str) -> float | None:
 
 def gap_metric(result: Result, column: str) -> float | None:
     """The gap of the text stage 1 trained on (raw text: the 'before' side); none for none/paired."""
-    if result.condition in ("none", "paired"):
+    if CONDITIONS.get(result.condition, {}).get("pretrain.source") in ("none", "paired"):
         return None
     section, key = GAP[column]
     if result.condition == "raw":
