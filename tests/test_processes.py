@@ -43,9 +43,12 @@ def test_two_processes_embed_exactly_like_one_through_dvc(tiny_repo, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_in_sync_and_close_to_one(tiny_repo, tmp_path):
+@pytest.mark.parametrize("ross", [False, True], ids=["plain", "ross"])
+def test_two_processes_train_in_sync_and_close_to_one(tiny_repo, tmp_path, ross):
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     params["pretrain"]["batch_size"] //= 2  # per process: the global batch stays the one-process batch
+    if ross:  # the denoiser trains beside the projector, and its weights must stay in sync too
+        params["pretrain"].update(source="paired", ross=True)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data = tiny_repo / "data"
@@ -62,12 +65,16 @@ def test_two_processes_train_in_sync_and_close_to_one(tiny_repo, tmp_path):
     ranks = [p.read_text() for p in sorted(digests.glob("rank*.txt"))]
     assert len(ranks) == 2 and ranks[0] == ranks[1]
     two = json.loads((tmp_path / "pretrain.json").read_text())
-    one = json.loads((tiny_repo / "reports" / "pretrain.json").read_text())
-    assert two["steps"] == one["steps"] and two["samples"] == one["samples"]
-    assert two["loss_last"] == pytest.approx(one["loss_last"], rel=0.05)
     assert two["loss_last"] < two["loss_first"]
     assert runs_of(tracking, "pretrain") == 1
     assert (tmp_path / "pretrain" / "mllm.json").exists() and not (tmp_path / "checkpoints").exists()
+    if ross:
+        assert two["denoise_loss_last"] < two["denoise_loss_first"]
+        assert (tmp_path / "pretrain" / "ross" / "denoiser.safetensors").exists()
+        return
+    one = json.loads((tiny_repo / "reports" / "pretrain.json").read_text())
+    assert two["steps"] == one["steps"] and two["samples"] == one["samples"]
+    assert two["loss_last"] == pytest.approx(one["loss_last"], rel=0.05)
 
 
 def test_shipped_accelerate_configs_load_and_leave_precision_to_params():

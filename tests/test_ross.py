@@ -257,3 +257,12 @@ def test_the_denoiser_is_saved_beside_the_checkpoint_and_never_used_to_answer(ro
     wider = ROSS.model_copy(update={"width": 64})
     other = attach_ross(load_mllm(with_ross), fresh, wider, tmp_path / "sft.json", previous=with_ross)
     assert torch.count_nonzero(other.denoiser.out.weight) == 0  # another shape: a fresh denoiser
+
+
+def test_a_missing_target_image_names_the_manifest_and_row(tiny_lm_dir, tmp_path):
+    samples = samples_with_images(tmp_path)
+    (tmp_path / "4.png").unlink()
+    mllm = tiny_mllm(tiny_lm_dir, embed_dim=16, visual_tokens=4, encoder={"name": "test", "dim": 16})
+    with pytest.raises(InputError, match=r"sft\.json: row 4: image file not found"):
+        attach_ross(mllm, samples, ROSS, tmp_path / "sft.json")
+    assert samples.targets is None  # nothing half-attached
