@@ -26,6 +26,7 @@ def main(
     max_new_tokens: int = typer.Option(48, help="longest answer in tokens"),
 ) -> None:
     from revision.encoders import load_encoder
+    from revision.grid import image_features
     from revision.images import read_image
     from revision.mllm import load_mllm
 
@@ -33,5 +34,5 @@ def main(
     encoder, identity = load_encoder(encoder_dir)
     fix = "pass the matching --encoder-dir"
     require_same_encoder(model.config.encoder, f"{checkpoint} (trained)", identity, encoder_dir, fix)
-    embedding = encoder.encode_images([read_image(image, str(image))])[0]
+    embedding = image_features(encoder, model.config).encode_images([read_image(image, str(image))])[0]
     typer.echo(model.generate(embedding, question, max_new_tokens=max_new_tokens).strip())

@@ -62,6 +62,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'evaluate' block"),
     prepared: Path = typer.Option(layout.PREPARED, help="manifests (eval.parquet)"),
     embeddings: Path = typer.Option(layout.EMBEDDINGS, help="embedding sets (eval_images)"),
+    grids: Path = typer.Option(layout.GRID, help="grid features (eval_images) for grid models"),
     checkpoints: list[Path] = typer.Option(
         [layout.PRETRAIN, layout.FINETUNE],
         help="MLLM folders to score, each named by its folder name (repeat the option for several)",
@@ -75,21 +76,24 @@ def main(
 ) -> None:
     import torch
 
-    from revision.embedding_sets import EmbeddingSet
-    from revision.evaluate import CaptionScorer, check_checkpoint_encoder, evaluate_model, load_eval_set
+    from revision.evaluate import CaptionScorer, check_checkpoint_encoder, checkpoint_config, evaluate_model, load_eval_set
+    from revision.grid import visual_set
     from revision.mllm import load_mllm
 
     cfg: EvaluateConfig = load_stage_config(NAME, params)
-    images = EmbeddingSet(embeddings / layout.EVAL_IMAGES.name)
     names = checkpoint_names(checkpoints)
+    by_input, eval_sets = {}, []  # the same images and questions, as pooled embeddings or grid features
     for checkpoint in checkpoints:
+        images = visual_set(embeddings, grids, layout.EVAL_IMAGES.name, checkpoint_config(checkpoint))
         check_checkpoint_encoder(checkpoint, images)
-    eval_set = load_eval_set(prepared, images, cfg)
+        if images.dir not in by_input:
+            by_input[images.dir] = load_eval_set(prepared, images, cfg)
+        eval_sets.append(by_input[images.dir])
     metrics_inside = inside(metrics, predictions)
     results: dict[str, dict[str, float]] = {}
     with stage_run(NAME, blocks_of(params, NAME)) as run:
         with CaptionScorer() as scorer, atomic_dir(predictions) as tmp:
-            for name, checkpoint in zip(names, checkpoints):
+            for name, checkpoint, eval_set in zip(names, checkpoints, eval_sets):
                 model = load_mllm(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
                 results[name], rows = evaluate_model(model, eval_set, cfg, scorer)
                 write_jsonl(tmp / f"{name}.jsonl", rows)

@@ -44,6 +44,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'finetune' block"),
     prepared: Path = typer.Option(layout.PREPARED, help="manifests (sft.json)"),
     embeddings: Path = typer.Option(layout.EMBEDDINGS, help="embedding sets (sft_images)"),
+    grids: Path = typer.Option(layout.GRID, help="grid features (sft_images) for a grid model"),
     pretrained: Path = typer.Option(layout.PRETRAIN, help="stage-1 MLLM from `revision pretrain`"),
     out: Path = typer.Option(layout.FINETUNE, help="output MLLM folder"),
     checkpoints: Path = typer.Option(layout.CHECKPOINTS / NAME, help="resumable training state"),
@@ -52,7 +53,7 @@ def main(
 ) -> None:
     from accelerate.utils import set_seed
 
-    from revision.embedding_sets import EmbeddingSet
+    from revision.grid import visual_set
     from revision.layout import SFT
     from revision.ross import attach_ross
     from revision.train import StageOutputs, make_accelerator, train_and_save
@@ -62,8 +63,8 @@ def main(
     ross_cfg: RossConfig | None = load_stage_config("ross", params) if cfg.ross else None
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
-    images = EmbeddingSet(embeddings / layout.SFT_IMAGES.name)
     model = load_finetunable(pretrained, cfg)
+    images = visual_set(embeddings, grids, layout.SFT_IMAGES.name, model.config)
     fix = "re-run pretrain on this encoder's embeddings"
     require_same_encoder(model.config.encoder, f"{pretrained} (trained)", images.encoder, images.dir, fix)
     samples = sft_samples(images, prepared, cfg.max_samples, cfg.seed)

@@ -19,8 +19,8 @@ from revision.study import CONDITIONS, STRESS_CONDITIONS, grid, queue_command
 NAME = "study"
 HELP = (
     "Run the ablation study: queue one DVC experiment per condition (stage 1 on nothing, paired images, raw "
-    "text, or text aligned by mean shift, C3, ReAlign anchor only / anchor+trace / full; paired and full ReAlign "
-    "again with Ross's reconstruction loss) and seed, plus the "
+    "text, or text aligned by mean shift, C3, ReAlign anchor only / anchor+trace / full; paired images as grid "
+    "tokens; paired (pooled and grid) and full ReAlign again with Ross's reconstruction loss) and seed, plus the "
     "alignment conditions again under the modality-gap stress (embed.stress_shift), all with the sizes of "
     "profiles/study.yaml; run the queue (`dvc exp run --run-all`), then write reports/ablation.md from "
     "`dvc exp show --json`. MLflow runs of all experiments go to one store (MLFLOW_TRACKING_URI, by default "

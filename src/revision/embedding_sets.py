@@ -5,6 +5,8 @@
 <dir>/ids.parquet           one column ``id``, in row order
 <dir>/shard-00000.safetensors   tensor ``embeddings`` (rows x dim, float32, L2-normalized)
 ```
+A set of grid features (``revision.grid``) has ``"tokens": g²`` in its index: each row is g² tokens of dim / g²
+channels, row-major, not normalized.
 Every set records the encoder that made it, so mixing two encoders' embeddings is an error.
 """
 
@@ -41,12 +43,14 @@ class EmbeddingWriter:
     (see ``complete_shard_rows``).
     """
 
-    def __init__(self, directory: str | Path, encoder: dict, dim: int, shard_size: int = 4096, done_ids: list[str] = ()):
+    def __init__(
+        self, directory: str | Path, encoder: dict, dim: int, shard_size: int = 4096, done_ids: list[str] = (), tokens: int = 1
+    ):  # fmt: skip
         if len(done_ids) % shard_size:
             raise ValueError(f"{len(done_ids)} finished rows are not whole shards of {shard_size}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.encoder, self.dim, self.shard_size = encoder, dim, shard_size
+        self.encoder, self.dim, self.shard_size, self.tokens = encoder, dim, shard_size, tokens
         self.ids: list[str] = list(done_ids)
         self.shards = [Shard(_shard_name(i), shard_size) for i in range(len(done_ids) // shard_size)]
         self._buffer: list[np.ndarray] = []
@@ -83,7 +87,7 @@ class EmbeddingWriter:
             "dim": self.dim,
             "count": len(self.ids),
             "shards": [s.__dict__ for s in self.shards],
-        }
+        } | ({"tokens": self.tokens} if self.tokens != 1 else {})
         (self.dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")
         return index
 
@@ -122,6 +126,7 @@ class EmbeddingSet:
         self.dim: int = index["dim"]
         self.count: int = index["count"]
         self.shards = [Shard(**s) for s in index["shards"]]
+        self.tokens: int = index.get("tokens", 1)  # >1: each row is a grid of tokens (revision.grid)
 
     def __len__(self) -> int:
         return self.count

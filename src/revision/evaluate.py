@@ -34,7 +34,7 @@ from revision.embedding_sets import EmbeddingSet
 from revision.encoder_identity import require_same_encoder
 from revision.errors import InputError
 from revision.layout import EVAL, read_manifest
-from revision.mllm import CONFIG_FILE, MLLM
+from revision.mllm import CONFIG_FILE, MLLM, MLLMConfig
 from revision.sources import EASYVQA_COLOURS, EASYVQA_SHAPES
 from revision.training_data import subsample, vectors_by_id
 
@@ -131,13 +131,17 @@ def pope_questions(images: Sequence[EvalImage], seed: int) -> list[Question]:
     return questions
 
 
-def check_checkpoint_encoder(checkpoint: Path, embeddings: EmbeddingSet) -> None:
-    """The checkpoint's projector must read embeddings of the encoder that made the eval set (read from
-    mllm.json, so a mismatch fails before any model is loaded)."""
+def checkpoint_config(checkpoint: Path) -> MLLMConfig:
+    """A checkpoint's mllm.json, read without loading the model (so a mismatch fails before any is loaded)."""
     config_path = checkpoint / CONFIG_FILE
     if not config_path.is_file():
         raise InputError(f"{checkpoint} is not an MLLM folder (no {CONFIG_FILE})")
-    trained_on = json.loads(config_path.read_text()).get("encoder", {})
+    return MLLMConfig.from_dict(json.loads(config_path.read_text()))
+
+
+def check_checkpoint_encoder(checkpoint: Path, embeddings: EmbeddingSet) -> None:
+    """The checkpoint's projector must read embeddings of the encoder that made the eval set."""
+    trained_on = checkpoint_config(checkpoint).encoder
     fix = "evaluate with that encoder's embeddings"
     require_same_encoder(trained_on, f"{checkpoint} (trained)", embeddings.encoder, embeddings.dir, fix)
 

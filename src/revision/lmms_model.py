@@ -48,6 +48,7 @@ class RevisionModel(lmms):
         from accelerate import Accelerator
 
         from revision.encoders import load_encoder
+        from revision.grid import image_features
         from revision.mllm import load_mllm
 
         if unknown:
@@ -60,8 +61,8 @@ class RevisionModel(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self.model = load_mllm(pretrained, self._device).eval()
         self.model.config.max_length = None  # score whole continuations, whatever budget training used
-        self.encoder, identity = load_encoder(encoder)
-        self.encoder.to(self._device)
+        image_encoder, identity = load_encoder(encoder)
+        self.encoder = image_features(image_encoder.to(self._device), self.model.config)  # pooled or grid
         require_same_encoder(self.model.config.encoder, f"{pretrained} (trained)", identity, encoder,
                              "pass the encoder it was trained on: --model_args ...,encoder=<folder>")  # fmt: skip
         self._warned_sampling = False

@@ -45,8 +45,9 @@ Conversation = Sequence[dict[str, str]]
 
 @dataclass
 class MLLMConfig:
-    embed_dim: int
+    embed_dim: int  # pooled: the embedding's dim; grid: channels per cell
     visual_tokens: int = 4
+    visual_input: str = "pooled"  # pooled | grid (revision.grid: one row holds visual_tokens cells)
     image_token: str = "<image>"
     encoder: dict[str, Any] = field(default_factory=dict)  # identity of the encoder that made the embeddings
     system_prompt: str | None = None  # None: whatever the chat template adds by itself
@@ -77,6 +78,27 @@ class Projector(nn.Module):
         return prefix.view(embeddings.shape[0], self.visual_tokens, self.hidden_size)
 
 
+class GridProjector(nn.Module):
+    """Grid features (``visual_tokens`` cells of dim d, flattened in one row) -> one prefix vector per cell,
+    each through the same 2-layer GELU MLP (LLaVA-1.5's projector). The cells are raw tower features, so a
+    LayerNorm without parameters gives the MLP unit-scale inputs."""
+
+    def __init__(self, embed_dim: int, hidden_size: int, visual_tokens: int):
+        super().__init__()
+        self.visual_tokens, self.hidden_size, self.embed_dim = visual_tokens, hidden_size, embed_dim
+        self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        cells = features.view(features.shape[0], self.visual_tokens, self.embed_dim)
+        return self.mlp(self.norm(cells))
+
+
+def projector_for(config: MLLMConfig, hidden_size: int) -> nn.Module:
+    kind = GridProjector if config.visual_input == "grid" else Projector
+    return kind(config.embed_dim, hidden_size, config.visual_tokens)
+
+
 @dataclass
 class MLLMBatch:
     """LM inputs for a batch: right-padded, visual prefix spliced in at each sample's placeholder."""
@@ -102,7 +124,7 @@ class MLLM(nn.Module):
         super().__init__()
         self.lm, self.tokenizer, self.config = lm, tokenizer, config
         hidden_size = lm.get_input_embeddings().embedding_dim
-        self.projector = projector or Projector(config.embed_dim, hidden_size, config.visual_tokens)
+        self.projector = projector or projector_for(config, hidden_size)
         self.projector.to(device=_device_of(lm), dtype=lm.get_input_embeddings().weight.dtype)
 
     @property
@@ -308,13 +330,18 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def new_mllm(lm_dir: Path, model_cfg: ModelConfig, encoder: dict, max_length: int) -> MLLM:
-    """A fresh MLLM: the LM prepared by the lm stage and a new projector for ``encoder``'s embeddings."""
+def new_mllm(lm_dir: Path, model_cfg: ModelConfig, encoder: dict, max_length: int, cell_dim: int | None = None) -> MLLM:
+    """A fresh MLLM: the LM prepared by the lm stage and a new projector for ``encoder``'s embeddings, or with
+    ``model_cfg.visual_input: grid`` for grid features of ``cell_dim`` channels per cell (``revision.grid``)."""
     folder = lm_path(lm_dir)
     lm, tokenizer = load_lm(folder, trust_remote_code=model_cfg.trust_remote_code)
+    grid = model_cfg.visual_input == "grid"
+    if grid and cell_dim is None:
+        raise ValueError("a grid model needs the channels per cell of its grid features")
     config = MLLMConfig(
-        embed_dim=encoder["dim"], visual_tokens=model_cfg.visual_tokens, encoder=encoder,
-        system_prompt=model_cfg.system_prompt, max_length=max_length, base_lm=lm_identity(folder),
+        embed_dim=cell_dim if grid else encoder["dim"], visual_tokens=model_cfg.grid**2 if grid else model_cfg.visual_tokens,
+        visual_input=model_cfg.visual_input, encoder=encoder, system_prompt=model_cfg.system_prompt,
+        max_length=max_length, base_lm=lm_identity(folder),
     )  # fmt: skip
     return MLLM(lm, tokenizer, config)
 
@@ -384,7 +411,7 @@ def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
             from peft import PeftModel
 
             lm = PeftModel.from_pretrained(lm, path / ADAPTER_DIR).merge_and_unload()
-    projector = Projector(config.embed_dim, values["hidden_size"], config.visual_tokens)
+    projector = projector_for(config, values["hidden_size"])
     projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
     return MLLM(lm.to(device), tokenizer, config, projector)
 

@@ -21,6 +21,7 @@ ALIGNED = {"pretrain.source": "aligned", "realign.method": "realign"}
 SWITCHES = ("realign.anchor", "realign.trace", "realign.centroid")
 FULL = {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": True}
 ROSS = ("pretrain.ross", "finetune.ross")  # off unless a condition turns it on
+GRID = {"pretrain.source": "paired", "model.visual_input": "grid"}  # LLaVA's recipe: a token per image cell
 
 # Every condition sets the same keys, so no experiment inherits a value from another.
 CONDITIONS: dict[str, dict[str, object]] = {
@@ -34,14 +35,18 @@ CONDITIONS: dict[str, dict[str, object]] = {
     "full": FULL,
     "paired_ross": {"pretrain.source": "paired", "pretrain.ross": True, "finetune.ross": True},  # LLaVA + Ross
     "full_ross": {**FULL, "finetune.ross": True},  # ReVision, Ross in stage 2
+    "paired_grid": GRID,
+    "paired_grid_ross": {**GRID, "pretrain.ross": True, "finetune.ross": True},  # Ross as its authors run it
 }
-REFERENCE = {"paired_ross": "paired", "full_ross": "full"}  # what a condition is compared with; others: "full"
+# what a condition is compared with; others: "full"
+REFERENCE = {"paired_ross": "paired", "full_ross": "full", "paired_grid": "paired", "paired_grid_ross": "paired_grid"}
 STRESS_CONDITIONS = ("raw", "anchor", "anchor_trace", "full")
 LABELS = {
     "none": "no stage 1", "paired": "paired images (LLaVA-style)", "raw": "raw text (no alignment)",
     "mean_shift": "mean shift (Unicorn)", "c3": "C3", "anchor": "ReAlign anchor only",
     "anchor_trace": "ReAlign anchor + trace", "full": "ReAlign full (ReVision)",
     "paired_ross": "paired images + Ross (both stages)", "full_ross": "ReAlign full + Ross (stage 2)",
+    "paired_grid": "paired images, grid tokens", "paired_grid_ross": "paired images, grid tokens + Ross (both stages)",
 }  # fmt: skip
 # The paper's 11-benchmark averages (no number for mean shift); ReVision-2M text vs 1M pairs for "paired".
 PAPER = {"raw": 47.50, "c3": 48.06, "anchor": 46.68, "anchor_trace": 48.67, "full": 50.16, "none": 43.58, "paired": 48.91}
@@ -49,7 +54,9 @@ TABLES = {
     "Alignment methods (cf. the paper's Table 1)": ("raw", "mean_shift", "c3", "full"),
     "ReAlign step ablation (cf. Table 5)": ("raw", "anchor", "anchor_trace", "full"),
     "What stage 1 trains on (cf. Tables 2 and 6)": ("none", "paired", "raw", "full"),
-    "Ross's reconstruction loss (with and without)": ("paired", "paired_ross", "full", "full_ross"),
+    "Ross's reconstruction loss (with and without)": (
+        "paired", "paired_grid", "paired_grid_ross", "paired_ross", "full", "full_ross"
+    ),  # fmt: skip
 }
 DOWNSTREAM = ("caption_nll", "image_gain", "rank_garment_acc", "rank_colour_acc", "rank_shape_acc", "garment_acc",
               "cider", "pope_f1", "pope_yes_ratio", "vqa_acc")  # fmt: skip
@@ -90,7 +97,8 @@ def grid(
     for seed in seeds:
         for prefix, shift, conditions in worlds:
             for condition in conditions:
-                defaults = {"realign.method": "realign", **{s: True for s in SWITCHES}, **{r: False for r in ROSS}}
+                defaults = {"realign.method": "realign", "model.visual_input": "pooled", **{s: True for s in SWITCHES},
+                            **{r: False for r in ROSS}}  # fmt: skip
                 overrides = {**profile, **defaults, **CONDITIONS[condition]}
                 overrides.update({"embed.stress_shift": shift, "model.seed": seed, "pretrain.seed": seed, "finetune.seed": seed})
                 experiments.append(Experiment(f"study-{prefix}{condition}-s{seed}", overrides))

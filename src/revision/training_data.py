@@ -107,6 +107,8 @@ def caption_samples(
     return EmbeddingConversations(vectors, conversations, _image_rows(table, keep, manifest.parent))
 
 
+GRID_SOURCES = ("paired", "none")  # the stage-1 sources a grid model can have: text has no grid
+
 # pretrain.source -> (the embedding set stage 1 reads, given the embeddings and realign folders; the manifest
 # and column holding each embedding's text)
 STAGE1_SOURCES: dict[str, tuple[Callable[[Path, Path], Path], Manifest, str]] = {
@@ -118,15 +120,20 @@ STAGE1_SOURCES: dict[str, tuple[Callable[[Path, Path], Path], Manifest, str]] = 
 
 
 def stage1_samples(
-    source: str, prepared: Path, embeddings: Path, realign: Path, max_samples: int | None, seed: int
-) -> tuple[EmbeddingConversations | None, dict]:
-    """Stage 1's samples for ``pretrain.source`` (None for ``none``) and the identity of their encoder."""
+    source: str, prepared: Path, embeddings: Path, realign: Path, max_samples: int | None, seed: int,
+    grids: Path | None = None,
+) -> tuple[EmbeddingConversations | None, EmbeddingSet]:  # fmt: skip
+    """Stage 1's samples for ``pretrain.source`` (None for ``none``) and the embedding set they come from (its
+    encoder, and its shape for a new projector). ``grids``: read the paired images' grid features from this
+    folder (the grid stage's) instead of their pooled embeddings."""
     vectors_of, manifest, column = STAGE1_SOURCES[source]
-    vectors = EmbeddingSet(vectors_of(embeddings, realign))
+    if grids is not None and source not in GRID_SOURCES:
+        raise ValueError(f"pretrain.source {source!r} has no grid features (only {', '.join(GRID_SOURCES)} do)")
+    vectors = EmbeddingSet(vectors_of(embeddings, realign) if grids is None else grids / PRETRAIN_IMAGES.name)
     if source == "none":
-        return None, vectors.encoder
+        return None, vectors
     table = read_manifest(prepared, manifest)
-    return caption_samples(vectors, table, column, prepared / manifest.file, max_samples, seed), vectors.encoder
+    return caption_samples(vectors, table, column, prepared / manifest.file, max_samples, seed), vectors
 
 
 def sft_samples(images: EmbeddingSet, prepared: Path, max_samples: int | None, seed: int) -> EmbeddingConversations:

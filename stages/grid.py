@@ -1,0 +1,66 @@
+"""``revision grid``: the grid features of the images an MLLM reads, for ``model.visual_input: grid``."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import typer
+
+from revision import layout
+from revision.config import EmbedConfig, ModelConfig, describe, load_stage_config, read_params
+from revision.outputs import atomic_dir, write_json
+from revision.tracking import stage_run
+
+NAME = "grid"
+HELP = (
+    "With model.visual_input: grid, write the per-location features of the image tower (its last feature map, "
+    "average-pooled to model.grid x model.grid cells) for the images the MLLM stages read: pretrain_images, "
+    "sft_images, eval_images, in the embedding format with the encoder's identity and the cell count. With "
+    "pooled input (ReVision's) it writes only a record that there is nothing to write. Batches, shards, "
+    "processes and resuming as in `revision embed`.\n\nParams read (params.yaml): model.visual_input, "
+    "model.grid, embed.batch_size, embed.shard_size\n\n" + describe(ModelConfig, "model")
+)
+
+
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'model' and 'embed' blocks"),
+    prepared: Path = typer.Option(layout.PREPARED, help="manifests from `revision prepare`"),
+    encoder_dir: Path = typer.Option(layout.ENCODER, help="encoder from `revision encoder`"),
+    out: Path = typer.Option(layout.GRID, help="output folder, one set of grid features per subfolder"),
+    metrics: Path = typer.Option(layout.stage_metrics(NAME), help="DVC metrics file"),
+) -> None:
+    from accelerate import Accelerator
+
+    from revision.embed import embed_jobs, jobs_from_manifests
+    from revision.encoders import load_encoder
+    from revision.grid import GridFeatures
+
+    model_cfg: ModelConfig = load_stage_config("model", params)
+    embed_cfg: EmbedConfig = load_stage_config("embed", params)
+    record = {"visual_input": model_cfg.visual_input}
+    if model_cfg.visual_input == "pooled":
+        with atomic_dir(out) as tmp:
+            (tmp / layout.GRID_RECORD).write_text(json.dumps(record) + "\n")
+        write_json(metrics, record)
+        typer.echo("grid: pooled visual input, no grid features to write")
+        return
+    accelerator = Accelerator()
+    encoder, identity = load_encoder(encoder_dir)
+    features = GridFeatures(encoder.to(accelerator.device), model_cfg.grid)
+    jobs = jobs_from_manifests(prepared, layout.GRID_SETS)
+    record |= {"grid": model_cfg.grid, "channels": features.channels, "encoder": identity}
+    is_main = accelerator.is_main_process
+    blocks = {"model": read_params(params)["model"], "embed": {k: embed_cfg.model_dump()[k] for k in ("batch_size", "shard_size")}}
+    with stage_run(NAME, blocks, is_main) as run:
+        with atomic_dir(out, keep_partial=True) if is_main else nullcontext(out) as tmp:
+            rates = embed_jobs(features, identity, jobs, tmp, embed_cfg.batch_size, embed_cfg.shard_size, accelerator)
+            if is_main:
+                (tmp / layout.GRID_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        rows = {f"rows_{j.name}": len(j.ids) for j in jobs}
+        run.log_metrics(rows | {f"rows_per_s_{k}": v for k, v in rates.items()})
+    if is_main:
+        write_json(metrics, record | rows)
+        sizes = ", ".join(f"{j.name}={len(j.ids)}" for j in jobs)
+        typer.echo(f"grid: {model_cfg.grid}x{model_cfg.grid} cells of {features.channels} channels; {sizes}")
