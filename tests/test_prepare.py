@@ -148,3 +148,38 @@ def test_oversized_split_names_the_source(tiny_params, tmp_path):
     tiny_params.write_text(yaml.safe_dump(data))
     result = _cli(tiny_params, tmp_path / "out")
     assert result.exit_code == 2 and "prepare.sources.easyvqa" in result.output
+
+
+def _turns(conversation: list[dict]) -> list[tuple[str, str]]:
+    return [(h["value"].removeprefix("<image>\n"), g["value"]) for h, g in zip(conversation[::2], conversation[1::2])]
+
+
+@pytest.mark.slow  # two full prepare runs (~20 s)
+def test_existence_questions_are_balanced_true_and_change_nothing_else(tiny_params, tmp_path):
+    from revision.sources import load_fashion_mnist
+
+    runs = {}
+    for count in (0, 2):
+        _set(tiny_params, existence_questions=count)
+        assert _cli(tiny_params, tmp_path / str(count)).exit_code == 0
+        runs[count] = json.loads((tmp_path / str(count) / "sft.json").read_text())
+    for name in ("text_corpus", "eval", "encoder_pairs", "pretrain_pairs", "image_pool"):
+        pd.testing.assert_frame_equal(*(pd.read_parquet(tmp_path / str(c) / f"{name}.parquet") for c in (0, 2)))
+    items = load_easyvqa("train") + load_fashion_mnist("train")
+    truth = {item.id: item.attrs.get("shape") or item.attrs["class_name"] for item in items}
+    answers = []
+    for plain, probed in zip(runs[0], runs[2]):
+        assert plain["id"] == probed["id"] and probed["conversations"][0]["value"].startswith("<image>\n")
+        plain_turns, added = _turns(plain["conversations"]), []
+        for turn in _turns(probed["conversations"]):  # the plain turns in their order, two more in between
+            if plain_turns and turn == plain_turns[0]:
+                plain_turns.pop(0)
+            else:
+                added.append(turn)
+        assert not plain_turns
+        assert len(added) == 2
+        for question, answer in added:
+            named = question.removeprefix("Is there a ").removesuffix(" in the image?")
+            assert question == f"Is there a {named} in the image?" and (named == truth[probed["id"]]) == (answer == "yes")
+            answers.append(answer)
+    assert answers.count("yes") == answers.count("no") == len(runs[2])

@@ -140,6 +140,25 @@ def question_type(answer: str) -> str:
     return "colour"
 
 
+EXISTENCE_QUESTION = "Is there a {thing} in the image?"  # the POPE probe's wording too (revision.evaluate)
+
+
+def existence_questions(item: Item, count: int, row: int, rng: random.Random) -> list[tuple[str, str]]:
+    """``count`` POPE-style questions about the item's object (easy-VQA: its shape; Fashion-MNIST: its garment
+    class), answered yes (the true one) and no (a seeded other one) in turn, yes first on even rows, so a
+    split holds as many yes as no. No random draw at all when ``count`` is 0."""
+    if item.source == "easyvqa":
+        truth, choices = item.attrs["shape"], sorted(SHAPE_WORDS)
+    else:
+        truth, choices = item.attrs["class_name"], list(FASHION_MNIST_CLASSES)
+    pairs = []
+    for k in range(count):
+        present = (row + k) % 2 == 0
+        thing = truth if present else rng.choice([c for c in choices if c != truth])
+        pairs.append((EXISTENCE_QUESTION.format(thing=thing), "yes" if present else "no"))
+    return pairs
+
+
 def questions(item: Item, rng: random.Random) -> list[dict[str, str]]:
     """Question/answer pairs: easy-VQA's own questions, or generated ones for Fashion-MNIST."""
     if item.source == "easyvqa":

@@ -39,6 +39,10 @@ class PrepareConfig(Strict):
     )
     captions_per_text_image: int = Field(ge=1, description="distinct captions drawn per text-corpus image")
     eval_captions: int = Field(ge=1, description="reference captions per eval image")
+    existence_questions: int = Field(
+        ge=0, description="POPE-style yes/no questions ('Is there a triangle in the image?') added to each bundled "
+        "SFT conversation, half about what is there and half about a seeded other shape or garment (0: none)",
+    )
     user_dataset: str | None = Field(
         description="a ReVision dataset.json (unpaired 'images' and 'texts' lists) added to the pool and corpus"
     )

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from revision.captions import COLOUR_WORDS, GARMENT_WORDS, SHAPE_WORDS
+from revision.captions import COLOUR_WORDS, EXISTENCE_QUESTION, GARMENT_WORDS, SHAPE_WORDS
 from revision.config import EvaluateConfig
 from revision.embedding_sets import EmbeddingSet
 from revision.encoder_identity import require_same_encoder
@@ -39,7 +39,6 @@ from revision.sources import EASYVQA_COLOURS, EASYVQA_SHAPES
 from revision.training_data import subsample, vectors_by_id
 
 CAPTION_METRICS = ("bleu4", "meteor", "rouge_l", "cider")
-POPE_QUESTION = "Is there a {shape} in the image?"
 # probe -> (source, attribute, the phrases naming each value: the first is the one candidates use)
 RANKED_PROBES = {
     "garment": ("fashion_mnist", "class_name", GARMENT_WORDS),
@@ -126,8 +125,8 @@ def pope_questions(images: Sequence[EvalImage], seed: int) -> list[Question]:
         if image.source != "easyvqa" or shape not in EASYVQA_SHAPES:
             continue
         absent = rng.choice(sorted(EASYVQA_SHAPES - {shape}))
-        questions.append(Question(index, "pope", POPE_QUESTION.format(shape=shape), "yes", "pope"))
-        questions.append(Question(index, "pope", POPE_QUESTION.format(shape=absent), "no", "pope"))
+        questions.append(Question(index, "pope", EXISTENCE_QUESTION.format(thing=shape), "yes", "pope"))
+        questions.append(Question(index, "pope", EXISTENCE_QUESTION.format(thing=absent), "no", "pope"))
     return questions
 
 

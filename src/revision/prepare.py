@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from revision.captions import CAPTION_PROMPTS, caption, distinct_captions, questions
+from revision.captions import CAPTION_PROMPTS, caption, distinct_captions, existence_questions, questions
 from revision.config import PrepareConfig, SplitSizes
 from revision.errors import InputError
 from revision.layout import (
@@ -65,12 +66,26 @@ def split_source(source: str, sizes: SplitSizes, rng: random.Random) -> dict[str
     return splits
 
 
-def _conversation(item: Item, rng: random.Random) -> list[dict[str, str]]:
-    """Caption request and questions in random order; the image token leads the first human turn."""
+@dataclass(frozen=True)
+class Existence:
+    """POPE-style questions for one SFT item: how many, its row in the split (which balances yes and no), and
+    the generator that picks the absent objects and where the questions go."""
+
+    count: int
+    row: int
+    rng: random.Random
+
+
+def _conversation(item: Item, rng: random.Random, existence: Existence | None = None) -> list[dict[str, str]]:
+    """Caption request and questions in random order, plus the ``existence`` questions at random places; the
+    image token leads the first human turn."""
     turns = [(rng.choice(CAPTION_PROMPTS), caption(item, rng))]
     qas = questions(item, rng)
     turns += [(qa["question"], qa["answer"]) for qa in rng.sample(qas, min(2, len(qas)))]
     rng.shuffle(turns)
+    if existence:
+        for turn in existence_questions(item, existence.count, existence.row, existence.rng):
+            turns.insert(existence.rng.randint(0, len(turns)), turn)
     conv = []
     for i, (question, answer) in enumerate(turns):
         prefix = "<image>\n" if i == 0 else ""
@@ -91,8 +106,10 @@ def build_tables(splits: dict[str, list[Item]], cfg: PrepareConfig, rng: random.
         tables[IMAGE_POOL].append({"id": item.id, "image": img(item), **_labels(item)})
     for item in splits["pretrain"]:
         tables[PRETRAIN_PAIRS].append({"id": item.id, "image": img(item), "caption": caption(item, rng), **_labels(item)})
-    for item in splits["sft"]:
-        tables[SFT].append({"id": item.id, "image": img(item), "conversations": _conversation(item, rng)})
+    existence_rng = random.Random(f"{cfg.seed}-existence")  # its own draws: every other row stays as it was
+    for row, item in enumerate(splits["sft"]):
+        existence = Existence(cfg.existence_questions, row, existence_rng) if cfg.existence_questions else None
+        tables[SFT].append({"id": item.id, "image": img(item), "conversations": _conversation(item, rng, existence)})
     for item in splits["eval"]:
         tables[EVAL].append({
             "id": item.id, "image": img(item),
