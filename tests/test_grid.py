@@ -149,6 +149,14 @@ def test_paired_grid_with_ross_trains_both_stages_and_evaluates(tiny_repo, tmp_p
                      "--checkpoints", str(tmp_path / "c2"), "--metrics", str(tmp_path / "f.json"),
                      "--loss-plot", str(tmp_path / "f.csv"))  # fmt: skip
     assert stage2.exit_code == 0, stage2.output[-2000:]
+    # chat reads the image as the checkpoint was trained to: its grid features, as the grid stage wrote them
+    image = tiny_repo / "data" / "prepared" / pd.read_parquet(tiny_repo / "data" / "prepared" / "eval.parquet")["image"].iloc[0]
+    answer = _invoke(tiny_repo, "chat", "--image", str(image), "--checkpoint", str(tmp_path / "fin"), "--max-new-tokens", "6")
+    assert answer.exit_code == 0, answer.output[-2000:]
+    with contextlib.chdir(tiny_repo):
+        row = torch.from_numpy(EmbeddingSet(tmp_path / "grid" / "eval_images").load()[0])
+        expected = load_mllm(tmp_path / "fin").generate(row, None, max_new_tokens=6).strip()
+    assert answer.stdout.strip() == expected
     metrics = tmp_path / "e" / "metrics.json"
     evaluate = ["evaluate", "--params", params, "--predictions", str(tmp_path / "e"), "--metrics", str(metrics)]
     checkpoints = ["--checkpoints", str(tmp_path / "pre"), "--checkpoints", str(tmp_path / "fin")]

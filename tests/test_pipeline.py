@@ -24,10 +24,12 @@ pytestmark = pytest.mark.slow
 DAG_EDGES = {
     ("prepare", "encoder"),
     ("prepare", "embed"), ("encoder", "embed"),
+    ("prepare", "grid"), ("encoder", "grid"),
     ("prepare", "realign"), ("embed", "realign"),
-    ("prepare", "pretrain"), ("embed", "pretrain"), ("realign", "pretrain"), ("lm", "pretrain"),
-    ("prepare", "finetune"), ("embed", "finetune"), ("pretrain", "finetune"), ("lm", "finetune"),
-    ("prepare", "evaluate"), ("embed", "evaluate"), ("pretrain", "evaluate"), ("finetune", "evaluate"), ("lm", "evaluate"),
+    ("prepare", "pretrain"), ("embed", "pretrain"), ("grid", "pretrain"), ("realign", "pretrain"), ("lm", "pretrain"),
+    ("prepare", "finetune"), ("embed", "finetune"), ("grid", "finetune"), ("pretrain", "finetune"), ("lm", "finetune"),
+    ("prepare", "evaluate"), ("embed", "evaluate"), ("grid", "evaluate"), ("pretrain", "evaluate"), ("finetune", "evaluate"),
+    ("lm", "evaluate"),
 }  # fmt: skip
 
 
