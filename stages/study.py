@@ -15,6 +15,7 @@ from revision.config import flatten
 from revision.errors import InputError
 from revision.outputs import write_json
 from revision.study import CONDITIONS, STRESS_CONDITIONS, grid, queue_command
+from revision.tracking import create_store
 
 NAME = "study"
 HELP = (
@@ -63,6 +64,7 @@ def main(
             write_report(report, run_record, results)
             return
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
+        create_store(os.environ["MLFLOW_TRACKING_URI"])
         for experiment in experiments:
             subprocess.run(queue_command(experiment), check=True, stdout=subprocess.DEVNULL)
         typer.echo(f"study: queued {len(experiments)} experiments; running them one after another")

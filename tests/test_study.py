@@ -237,3 +237,33 @@ def test_ross_conditions_are_compared_with_the_same_recipe_without_ross():
     assert "| paired images + Ross (both stages) | 2 | — | — | — | — | — | — |" in ross  # no text in stage 1: no gap
     only_paired_and_full = render(study_results(_exp_show([_experiment(f"study-{c}-s0", 0.6, 1.0) for c in ("paired", "full")])), [])
     assert "## Ross's" not in only_paired_and_full  # no Ross row: the table would repeat rows shown before
+
+
+def test_the_tracking_store_exists_before_the_experiments_start(tmp_path, monkeypatch):
+    """Experiments run at once on a new sqlite store each try to create its tables and corrupt it."""
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    import stages.study
+    from stages.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    saved = study_results(_exp_show([_experiment("study-full-s0", 0.6, 1.0)]))
+    (tmp_path / "results.json").write_text(json.dumps(results_record(saved)))
+    (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
+    tables_when_run: list[set] = []
+
+    def fake_run(command, **kwargs):
+        if command[:4] == ["dvc", "exp", "run", "--run-all"]:
+            with sqlite3.connect(tmp_path / "mlflow.db") as db:
+                tables_when_run.append({row[0] for row in db.execute("select name from sqlite_master")})
+        return subprocess.CompletedProcess(command, 0, stdout="[]", stderr="")
+
+    monkeypatch.setattr(stages.study.subprocess, "run", fake_run)
+    args = ["study", "--seeds", "1", "--conditions", "full", "--stress-shift", "0", "--profile", "profile.yaml", "--jobs", "2",
+            "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(tables_when_run) == 1 and {"experiments", "runs", "metrics"} <= tables_when_run[0]

@@ -34,6 +34,14 @@ def apply_offline_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+def create_store(uri: str) -> None:
+    """Create the tracking store's tables now. Experiments that start at once on a new sqlite store each try to
+    create them and fail mid-migration (one corrupted store fails every later run)."""
+    import mlflow
+
+    mlflow.MlflowClient(uri).search_experiments(max_results=1)
+
+
 def git_revision() -> str:
     rev = os.environ.get("DVC_EXP_BASELINE_REV")
     if rev:
