@@ -8,12 +8,12 @@ from typing import Optional
 import typer
 
 from revision import layout
-from revision.encoder_identity import require_same_encoder
 
 NAME = "chat"
 HELP = (
     "Answer a question about an image (or caption it when no question is given) with a trained checkpoint: "
-    "the image goes through the checkpoint's own encoder, its embedding straight into the projector. Works with "
+    "the image goes through the checkpoint's own encoder (a VoRA checkpoint reads its pixels), its embedding "
+    "straight into the projector. Works with "
     "stage-1-only checkpoints (data/pretrain) and finished ones (data/finetune)."
 )
 
@@ -22,17 +22,14 @@ def main(
     image: Path = typer.Option(..., help="any image file (PNG, JPEG, ...)"),
     question: Optional[str] = typer.Option(None, help="a question; omit it for a caption"),
     checkpoint: Path = typer.Option(layout.FINETUNE, help="MLLM folder from pretrain or finetune"),
-    encoder_dir: Path = typer.Option(layout.ENCODER, help="the encoder the checkpoint was trained on"),
+    encoder_dir: Path = typer.Option(layout.ENCODER, help="the encoder the checkpoint was trained on (not read for VoRA)"),
     max_new_tokens: int = typer.Option(48, help="longest answer in tokens"),
 ) -> None:
-    from revision.encoders import load_encoder
-    from revision.grid import image_features
+    from revision.grid import image_reader
     from revision.images import read_image
     from revision.mllm import load_mllm
 
     model = load_mllm(checkpoint)
-    encoder, identity = load_encoder(encoder_dir)
-    fix = "pass the matching --encoder-dir"
-    require_same_encoder(model.config.encoder, f"{checkpoint} (trained)", identity, encoder_dir, fix)
-    embedding = image_features(encoder, model.config).encode_images([read_image(image, str(image))])[0]
+    reader = image_reader(model.config, encoder_dir, f"{checkpoint} (trained)", "pass the matching --encoder-dir")
+    embedding = reader.encode_images([read_image(image, str(image))])[0]
     typer.echo(model.generate(embedding, question, max_new_tokens=max_new_tokens).strip())

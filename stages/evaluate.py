@@ -76,9 +76,9 @@ def main(
 ) -> None:
     import torch
 
-    from revision.evaluate import CaptionScorer, check_checkpoint_encoder, checkpoint_config, evaluate_model, load_eval_set
+    from revision.evaluate import CaptionScorer, check_checkpoint_encoder, evaluate_model, load_eval_set
     from revision.grid import visual_set
-    from revision.mllm import load_mllm
+    from revision.mllm import checkpoint_config, load_mllm
 
     cfg: EvaluateConfig = load_stage_config(NAME, params)
     names = checkpoint_names(checkpoints)

@@ -1,4 +1,4 @@
-"""``revision grid``: the grid features of the images an MLLM reads, for ``model.visual_input: grid``."""
+"""``revision grid``: the images as a grid or pixels MLLM reads them (``model.visual_input: grid | pixels``)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ HELP = (
     "With model.visual_input: grid, write the per-location features of the image tower (its last feature map, "
     "average-pooled to model.grid x model.grid cells) for the images the MLLM stages read: pretrain_images, "
     "sft_images, eval_images, in the embedding format with the encoder's identity and the cell count. With "
-    "pooled input (ReVision's) it writes only a record that there is nothing to write. Batches, shards, "
+    "pixels input (VoRA) it writes the same images as rows of pixels at vora.image_size, no encoder involved. "
+    "With pooled input (ReVision's) it writes only a record that there is nothing to write. Batches, shards, "
     "processes and resuming as in `revision embed`.\n\nParams read (params.yaml): model.visual_input, "
-    "model.grid, embed.batch_size, embed.shard_size\n\n" + describe(ModelConfig, "model")
+    "model.grid, vora.image_size, embed.batch_size, embed.shard_size\n\n" + describe(ModelConfig, "model")
 )
 
 
@@ -36,6 +37,7 @@ def main(
     from revision.embed import embed_jobs, jobs_from_manifests
     from revision.encoders import load_encoder
     from revision.grid import GridFeatures
+    from revision.patches import PixelRows, pixel_identity
 
     model_cfg: ModelConfig = load_stage_config("model", params)
     embed_cfg: EmbedConfig = load_stage_config("embed", params)
@@ -47,10 +49,15 @@ def main(
         typer.echo("grid: pooled visual input, no grid features to write")
         return
     accelerator = Accelerator()
-    encoder, identity = load_encoder(encoder_dir)
-    features = GridFeatures(encoder.to(accelerator.device), model_cfg.grid)
+    if model_cfg.visual_input == "pixels":
+        size = load_stage_config("vora", params).image_size
+        features, identity = PixelRows(size), pixel_identity(size)
+        record |= {"image_size": size, "encoder": identity}
+    else:
+        encoder, identity = load_encoder(encoder_dir)
+        features = GridFeatures(encoder.to(accelerator.device), model_cfg.grid)
+        record |= {"grid": model_cfg.grid, "channels": features.channels, "encoder": identity}
     jobs = jobs_from_manifests(prepared, layout.GRID_SETS)
-    record |= {"grid": model_cfg.grid, "channels": features.channels, "encoder": identity}
     is_main = accelerator.is_main_process
     blocks = {"model": read_params(params)["model"], "embed": {k: embed_cfg.model_dump()[k] for k in ("batch_size", "shard_size")}}
     with stage_run(NAME, blocks, is_main) as run:
@@ -63,4 +70,6 @@ def main(
     if is_main:
         write_json(metrics, record | rows)
         sizes = ", ".join(f"{j.name}={len(j.ids)}" for j in jobs)
-        typer.echo(f"grid: {model_cfg.grid}x{model_cfg.grid} cells of {features.channels} channels; {sizes}")
+        g = model_cfg.grid
+        shape = identity["name"] if model_cfg.visual_input == "pixels" else f"{g}x{g} cells of {features.channels} channels"
+        typer.echo(f"grid: {shape}; {sizes}")

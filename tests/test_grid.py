@@ -16,9 +16,8 @@ from revision.config import LitConfig
 from revision.embedding_sets import EmbeddingSet, EmbeddingWriter
 from revision.encoders import LitEncoder
 from revision.errors import InputError
-from revision.evaluate import checkpoint_config
 from revision.grid import GridFeatures, check_grid, visual_set
-from revision.mllm import GridProjector, MLLMConfig, load_mllm, save_mllm
+from revision.mllm import GridProjector, MLLMConfig, checkpoint_config, load_mllm, save_mllm
 from stages.cli import app
 from tests.helpers import edit_params, tiny_mllm
 

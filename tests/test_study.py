@@ -267,3 +267,19 @@ def test_the_tracking_store_exists_before_the_experiments_start(tmp_path, monkey
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len(tables_when_run) == 1 and {"experiments", "runs", "metrics"} <= tables_when_run[0]
+
+
+def test_vora_conditions_are_compared_with_the_encoder_with_grid_tokens_and_with_full_vora():
+    names = ("paired", "full", "paired_grid", "vora", "vora_nodistill", "vora_causal")
+    report = render(study_results(_exp_show([_experiment(f"study-{c}-s{s}", 0.6, 1.0) for c in names for s in range(2)])), [])
+    vora = report[report.index("## VoRA, encoder-free") :]
+    lines = [line.split(":")[0] for line in vora.splitlines() if line.startswith("- ")]
+    assert lines[:3] == [
+        "- VoRA (pixels, vision LoRA, distilled) vs paired images, grid tokens",
+        "- VoRA without distillation vs VoRA (pixels, vision LoRA, distilled)",
+        "- VoRA with a causal mask vs VoRA (pixels, vision LoRA, distilled)",
+    ]
+    overrides = {e.name: e.overrides for e in grid([0], {}, 0.0, ["vora_causal", "full"], [])}
+    assert overrides["study-vora_causal-s0"]["vora.attention"] == "causal"
+    assert overrides["study-full-s0"]["vora.attention"] == "bidirectional"  # every experiment sets every key
+    assert overrides["study-vora_causal-s0"]["model.visual_input"] == "pixels"

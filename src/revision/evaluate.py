@@ -34,7 +34,7 @@ from revision.embedding_sets import EmbeddingSet
 from revision.encoder_identity import require_same_encoder
 from revision.errors import InputError
 from revision.layout import EVAL, read_manifest
-from revision.mllm import CONFIG_FILE, MLLM, MLLMConfig
+from revision.mllm import MLLM, checkpoint_config
 from revision.sources import EASYVQA_COLOURS, EASYVQA_SHAPES
 from revision.training_data import subsample, vectors_by_id
 
@@ -128,14 +128,6 @@ def pope_questions(images: Sequence[EvalImage], seed: int) -> list[Question]:
         questions.append(Question(index, "pope", EXISTENCE_QUESTION.format(thing=shape), "yes", "pope"))
         questions.append(Question(index, "pope", EXISTENCE_QUESTION.format(thing=absent), "no", "pope"))
     return questions
-
-
-def checkpoint_config(checkpoint: Path) -> MLLMConfig:
-    """A checkpoint's mllm.json, read without loading the model (so a mismatch fails before any is loaded)."""
-    config_path = checkpoint / CONFIG_FILE
-    if not config_path.is_file():
-        raise InputError(f"{checkpoint} is not an MLLM folder (no {CONFIG_FILE})")
-    return MLLMConfig.from_dict(json.loads(config_path.read_text()))
 
 
 def check_checkpoint_encoder(checkpoint: Path, embeddings: EmbeddingSet) -> None:

@@ -86,8 +86,26 @@ def _square(tokens: torch.Tensor, where: str) -> torch.Tensor:
 
 
 def image_features(encoder: nn.Module, model: MLLMConfig) -> nn.Module:
-    """What ``model`` reads from an image (``.encode_images``): the pooled embedding, or the grid features."""
+    """What ``model`` reads from an image (``.encode_images``): the pooled embedding, the grid features, or
+    (a pixels model, which has no encoder) its pixels."""
+    if model.visual_input == "pixels":
+        from revision.patches import PixelRows, image_side
+
+        return PixelRows(image_side(model.embed_dim))
     return GridFeatures(encoder, math.isqrt(model.visual_tokens)) if model.visual_input == "grid" else encoder
+
+
+def image_reader(model: MLLMConfig, encoder_dir: Path, where: str, fix: str, device: str | torch.device = "cpu") -> nn.Module:
+    """What reads images for ``model`` (``.encode_images``): a pixels model's own preprocessing, or the encoder in
+    ``encoder_dir``, which must be the one ``model`` was trained on (``where``, ``fix``: for the error)."""
+    if model.visual_input == "pixels":
+        return image_features(None, model)
+    from revision.encoder_identity import require_same_encoder
+    from revision.encoders import load_encoder
+
+    encoder, identity = load_encoder(encoder_dir)
+    require_same_encoder(model.encoder, where, identity, encoder_dir, fix)
+    return image_features(encoder.to(device), model)
 
 
 def check_grid(vectors: EmbeddingSet, grid: int) -> None:
@@ -98,14 +116,21 @@ def check_grid(vectors: EmbeddingSet, grid: int) -> None:
 
 
 def visual_set(embeddings: Path, grids: Path, name: str, model: MLLMConfig) -> EmbeddingSet:
-    """The embedding set ``name`` as ``model`` reads it: pooled (the embed stage's) or grid features (the grid
-    stage's), checked against the model's visual tokens and input dim."""
-    if model.visual_input == "pooled":
+    """The embedding set ``name`` as ``model`` reads it: pooled (the embed stage's), grid features or pixels (the
+    grid stage's), checked against the model's visual tokens and input dim."""
+    kind = model.visual_input
+    if kind == "pooled":
         return EmbeddingSet(embeddings / name)
     if not (grids / name / "index.json").is_file():
-        raise InputError(f"{grids / name}: no grid features for a grid model; set model.visual_input: grid and run "
+        what = "grid features" if kind == "grid" else "pixel rows"
+        raise InputError(f"{grids / name}: no {what} for a {kind} model; set model.visual_input: {kind} and run "
                          f"`revision grid`")  # fmt: skip
     vectors = EmbeddingSet(grids / name)
+    if kind == "pixels":
+        if vectors.encoder != model.encoder:
+            raise InputError(f"{vectors.dir}: images as {vectors.encoder.get('name')}, but the model reads "
+                             f"{model.encoder.get('name')}; re-run `revision grid` with the model's vora.image_size")  # fmt: skip
+        return vectors
     if (vectors.tokens, vectors.dim) != (model.visual_tokens, model.visual_tokens * model.embed_dim):
         raise InputError(f"{vectors.dir}: {vectors.tokens} cells of {vectors.dim // vectors.tokens} channels per image, "
                          f"but the model reads {model.visual_tokens} of {model.embed_dim}; re-run `revision grid` "

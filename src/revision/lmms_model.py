@@ -12,6 +12,7 @@ requests on its own device.
 from __future__ import annotations
 
 from itertools import groupby
+from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import Instance
@@ -19,7 +20,6 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 
 from revision import layout
-from revision.encoder_identity import require_same_encoder
 from revision.errors import InputError
 
 MODEL_ID = "revision"
@@ -47,8 +47,7 @@ class RevisionModel(lmms):
         super().__init__()
         from accelerate import Accelerator
 
-        from revision.encoders import load_encoder
-        from revision.grid import image_features
+        from revision.grid import image_reader
         from revision.mllm import load_mllm
 
         if unknown:
@@ -61,10 +60,8 @@ class RevisionModel(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self.model = load_mllm(pretrained, self._device).eval()
         self.model.config.max_length = None  # score whole continuations, whatever budget training used
-        image_encoder, identity = load_encoder(encoder)
-        self.encoder = image_features(image_encoder.to(self._device), self.model.config)  # pooled or grid
-        require_same_encoder(self.model.config.encoder, f"{pretrained} (trained)", identity, encoder,
-                             "pass the encoder it was trained on: --model_args ...,encoder=<folder>")  # fmt: skip
+        fix = "pass the encoder it was trained on: --model_args ...,encoder=<folder>"
+        self.encoder = image_reader(self.model.config, Path(encoder), f"{pretrained} (trained)", fix, self._device)
         self._warned_sampling = False
 
     @property

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from revision.config import ModelConfig
+from revision.config import ModelConfig, VoraConfig
 from revision.errors import InputError
 from revision.lm import lm_path, load_lm
 from revision.outputs import tree_digest
@@ -47,7 +47,8 @@ Conversation = Sequence[dict[str, str]]
 class MLLMConfig:
     embed_dim: int  # pooled: the embedding's dim; grid: channels per cell
     visual_tokens: int = 4
-    visual_input: str = "pooled"  # pooled | grid (revision.grid: one row holds visual_tokens cells)
+    visual_input: str = "pooled"  # pooled | grid (revision.grid: one row holds visual_tokens cells) | pixels (VoRA)
+    image_attention: str = "causal"  # causal | bidirectional (the visual tokens see each other: revision.attention)
     image_token: str = "<image>"
     encoder: dict[str, Any] = field(default_factory=dict)  # identity of the encoder that made the embeddings
     system_prompt: str | None = None  # None: whatever the chat template adds by itself
@@ -95,7 +96,9 @@ class GridProjector(nn.Module):
 
 
 def projector_for(config: MLLMConfig, hidden_size: int) -> nn.Module:
-    kind = GridProjector if config.visual_input == "grid" else Projector
+    from revision.patches import PatchEmbedding
+
+    kind = {"grid": GridProjector, "pixels": PatchEmbedding}.get(config.visual_input, Projector)
     return kind(config.embed_dim, hidden_size, config.visual_tokens)
 
 
@@ -140,13 +143,22 @@ class MLLM(nn.Module):
         self, embeddings: torch.Tensor, conversations: Sequence[Conversation]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward``'s loss and the LM's final hidden states at the visual positions, [B, visual_tokens, hidden]."""
+        loss, batch, states = self.loss_and_states(embeddings, conversations)
+        return loss, self.at_visual_positions(batch, states[-1])
+
+    def loss_and_states(
+        self, embeddings: torch.Tensor, conversations: Sequence[Conversation]
+    ) -> tuple[torch.Tensor, MLLMBatch, tuple[torch.Tensor, ...]]:
+        """``forward``'s loss, the batch, and the LM's hidden states (index 0: its input, i: after i layers)."""
         batch = self.build_inputs(embeddings, conversations)
         logits, targets, _, output = self._answer_logits(batch, output_hidden_states=True)
-        final = output.hidden_states[-1]
-        start = torch.tensor(batch.image_start, device=final.device)[:, None]
-        visual = start + torch.arange(self.config.visual_tokens, device=final.device)
-        rows = torch.arange(final.shape[0], device=final.device)[:, None]
-        return nn.functional.cross_entropy(logits.float(), targets), final[rows, visual]
+        return nn.functional.cross_entropy(logits.float(), targets), batch, output.hidden_states
+
+    def at_visual_positions(self, batch: MLLMBatch, states: torch.Tensor) -> torch.Tensor:
+        """``states`` [B, T, ...] at each sample's visual positions: [B, visual_tokens, ...]."""
+        start = torch.tensor(batch.image_start, device=states.device)[:, None]
+        visual = start + torch.arange(self.config.visual_tokens, device=states.device)
+        return states[torch.arange(states.shape[0], device=states.device)[:, None], visual]
 
     def logits(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> torch.Tensor:
         batch = self.build_inputs(embeddings, conversations)
@@ -198,6 +210,12 @@ class MLLM(nn.Module):
         prompts = [_as_messages(self.conversation(question), self.config) for question in questions]
         samples = [self._pieces(messages, generation_prompt=True) for messages in prompts]
         batch = self._collate(samples, prefixes, pad_left=True)
+        if self.config.image_attention == "bidirectional":
+            from revision.attention import greedy_decode
+
+            output = greedy_decode(self.lm, batch.inputs_embeds, batch.attention_mask, self._attention(batch),
+                                   max_new_tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)  # fmt: skip
+            return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
         output = self.lm.generate(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
             do_sample=False, num_beams=1, pad_token_id=self.tokenizer.pad_token_id,
@@ -211,10 +229,23 @@ class MLLM(nn.Module):
         return text if self.config.image_token in text else f"{self.config.image_token}\n{text}"
 
     def _project(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.projector(embeddings.to(self.device, self.projector.mlp[0].weight.dtype))
+        return self.projector(embeddings.to(self.device, next(self.projector.parameters()).dtype))
 
     def _lm_forward(self, batch: MLLMBatch, **kwargs: Any) -> Any:
-        return self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, **kwargs)
+        if self.config.image_attention == "bidirectional":
+            from revision.attention import positions
+
+            kwargs["position_ids"] = positions(batch.attention_mask)
+        return self.lm(inputs_embeds=batch.inputs_embeds, attention_mask=self._attention(batch), **kwargs)
+
+    def _attention(self, batch: MLLMBatch) -> torch.Tensor:
+        """The 2-D padding mask (the LM makes it causal), or the 4-D mask with bidirectional visual tokens."""
+        if self.config.image_attention != "bidirectional":
+            return batch.attention_mask
+        from revision.attention import additive_mask, attention_allowed
+
+        allowed = attention_allowed(batch.attention_mask, batch.image_start, self.config.visual_tokens)
+        return additive_mask(allowed, batch.inputs_embeds.dtype)
 
     def _answer_logits(self, batch: MLLMBatch, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """Logits at the positions that predict an answer token, those tokens, their batch rows, and the LM's
@@ -330,18 +361,26 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def new_mllm(lm_dir: Path, model_cfg: ModelConfig, encoder: dict, max_length: int, cell_dim: int | None = None) -> MLLM:
+def new_mllm(
+    lm_dir: Path, model_cfg: ModelConfig, encoder: dict, max_length: int, cell_dim: int | None = None,
+    vora: VoraConfig | None = None,
+) -> MLLM:  # fmt: skip
     """A fresh MLLM: the LM prepared by the lm stage and a new projector for ``encoder``'s embeddings, or with
-    ``model_cfg.visual_input: grid`` for grid features of ``cell_dim`` channels per cell (``revision.grid``)."""
+    ``model_cfg.visual_input: grid`` for grid features of ``cell_dim`` channels per cell (``revision.grid``),
+    or with ``pixels`` a patch embedding of the ``vora`` settings (``revision.patches``)."""
     folder = lm_path(lm_dir)
     lm, tokenizer = load_lm(folder, trust_remote_code=model_cfg.trust_remote_code)
-    grid = model_cfg.visual_input == "grid"
-    if grid and cell_dim is None:
-        raise ValueError("a grid model needs the channels per cell of its grid features")
+    kind = model_cfg.visual_input
+    if (kind == "grid" and cell_dim is None) or (kind == "pixels" and vora is None):
+        raise ValueError(f"a {kind} model needs {'the channels per cell of its grid features' if kind == 'grid' else 'its vora settings'}")
+    embed_dim, tokens, attention = encoder["dim"], model_cfg.visual_tokens, "causal"
+    if kind == "grid":
+        embed_dim, tokens = cell_dim, model_cfg.grid**2
+    elif kind == "pixels":
+        tokens, attention = (vora.image_size // vora.patch) ** 2, vora.attention
     config = MLLMConfig(
-        embed_dim=cell_dim if grid else encoder["dim"], visual_tokens=model_cfg.grid**2 if grid else model_cfg.visual_tokens,
-        visual_input=model_cfg.visual_input, encoder=encoder, system_prompt=model_cfg.system_prompt,
-        max_length=max_length, base_lm=lm_identity(folder),
+        embed_dim=embed_dim, visual_tokens=tokens, visual_input=kind, image_attention=attention, encoder=encoder,
+        system_prompt=model_cfg.system_prompt, max_length=max_length, base_lm=lm_identity(folder),
     )  # fmt: skip
     return MLLM(lm, tokenizer, config)
 
@@ -395,6 +434,14 @@ def save_mllm(model: MLLM, out_dir: str | Path, self_contained: bool = False) ->
     return out_dir
 
 
+def checkpoint_config(checkpoint: Path) -> MLLMConfig:
+    """A checkpoint's mllm.json, read without loading the model (so a mismatch fails before any is loaded)."""
+    config_path = checkpoint / CONFIG_FILE
+    if not config_path.is_file():
+        raise InputError(f"{checkpoint} is not an MLLM folder (no {CONFIG_FILE})")
+    return MLLMConfig.from_dict(json.loads(config_path.read_text()))
+
+
 def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
     """The whole model a checkpoint describes: its own ``lm/``, or its base LM (checked against the recorded
     digest) with the ``adapter/`` merged in when there is one."""
@@ -411,6 +458,7 @@ def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
             from peft import PeftModel
 
             lm = PeftModel.from_pretrained(lm, path / ADAPTER_DIR).merge_and_unload()
+            config.base_lm = None  # no longer the recorded base: saved again, this LM is written whole
     projector = projector_for(config, values["hidden_size"])
     projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
     return MLLM(lm.to(device), tokenizer, config, projector)

@@ -22,6 +22,7 @@ SWITCHES = ("realign.anchor", "realign.trace", "realign.centroid")
 FULL = {**ALIGNED, "realign.anchor": True, "realign.trace": True, "realign.centroid": True}
 ROSS = ("pretrain.ross", "finetune.ross")  # off unless a condition turns it on
 GRID = {"pretrain.source": "paired", "model.visual_input": "grid"}  # LLaVA's recipe: a token per image cell
+VORA = {"pretrain.source": "paired", "model.visual_input": "pixels"}  # encoder-free: patches into the LM
 
 # Every condition sets the same keys, so no experiment inherits a value from another.
 CONDITIONS: dict[str, dict[str, object]] = {
@@ -37,9 +38,14 @@ CONDITIONS: dict[str, dict[str, object]] = {
     "full_ross": {**FULL, "finetune.ross": True},  # ReVision, Ross in stage 2
     "paired_grid": GRID,
     "paired_grid_ross": {**GRID, "pretrain.ross": True, "finetune.ross": True},  # Ross as its authors run it
+    "vora": VORA,
+    "vora_nodistill": {**VORA, "vora.distill_weight": 0.0},
+    "vora_causal": {**VORA, "vora.attention": "causal"},
 }
 # what a condition is compared with; others: "full"
-REFERENCE = {"paired_ross": "paired", "full_ross": "full", "paired_grid": "paired", "paired_grid_ross": "paired_grid"}
+REFERENCE = {"paired_ross": "paired", "full_ross": "full", "paired_grid": "paired", "paired_grid_ross": "paired_grid",
+             "vora": "paired_grid", "vora_nodistill": "vora", "vora_causal": "vora"}  # fmt: skip
+VORA_DEFAULTS = {"vora.distill_weight": 1.0, "vora.attention": "bidirectional"}
 STRESS_CONDITIONS = ("raw", "anchor", "anchor_trace", "full")
 LABELS = {
     "none": "no stage 1", "paired": "paired images (LLaVA-style)", "raw": "raw text (no alignment)",
@@ -47,6 +53,8 @@ LABELS = {
     "anchor_trace": "ReAlign anchor + trace", "full": "ReAlign full (ReVision)",
     "paired_ross": "paired images + Ross (both stages)", "full_ross": "ReAlign full + Ross (stage 2)",
     "paired_grid": "paired images, grid tokens", "paired_grid_ross": "paired images, grid tokens + Ross (both stages)",
+    "vora": "VoRA (pixels, vision LoRA, distilled)", "vora_nodistill": "VoRA without distillation",
+    "vora_causal": "VoRA with a causal mask",
 }  # fmt: skip
 # The paper's 11-benchmark averages (no number for mean shift); ReVision-2M text vs 1M pairs for "paired".
 PAPER = {"raw": 47.50, "c3": 48.06, "anchor": 46.68, "anchor_trace": 48.67, "full": 50.16, "none": 43.58, "paired": 48.91}
@@ -57,6 +65,7 @@ TABLES = {
     "Ross's reconstruction loss (with and without)": (
         "paired", "paired_grid", "paired_grid_ross", "paired_ross", "full", "full_ross"
     ),  # fmt: skip
+    "VoRA, encoder-free (against the encoder with grid tokens)": ("paired_grid", "vora", "vora_nodistill", "vora_causal"),
 }
 DOWNSTREAM = ("caption_nll", "image_gain", "rank_garment_acc", "rank_colour_acc", "rank_shape_acc", "garment_acc",
               "cider", "pope_f1", "pope_yes_ratio", "vqa_acc")  # fmt: skip
@@ -98,7 +107,7 @@ def grid(
         for prefix, shift, conditions in worlds:
             for condition in conditions:
                 defaults = {"realign.method": "realign", "model.visual_input": "pooled", **{s: True for s in SWITCHES},
-                            **{r: False for r in ROSS}}  # fmt: skip
+                            **{r: False for r in ROSS}, **VORA_DEFAULTS}  # fmt: skip
                 overrides = {**profile, **defaults, **CONDITIONS[condition]}
                 overrides.update({"embed.stress_shift": shift, "model.seed": seed, "pretrain.seed": seed, "finetune.seed": seed})
                 experiments.append(Experiment(f"study-{prefix}{condition}-s{seed}", overrides))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from revision.config import TrainConfig
-from revision.mllm import MLLM, save_mllm
+from revision.mllm import save_mllm
 from revision.outputs import atomic_dir, atomic_file, write_json
 from revision.ross import RossMLLM
 from revision.tracking import StageRun
@@ -212,14 +212,14 @@ def write_loss_csv(path: Path, history: list[dict]) -> None:
 
 
 def train_and_save(
-    model: MLLM | RossMLLM,
+    model: torch.nn.Module,  # an MLLM, or one with a second loss (RossMLLM, VoraMLLM)
     samples: EmbeddingConversations | None,
     cfg: TrainConfig,
     accelerator: Accelerator,
     run: StageRun,
     run_id: str,
     outputs: StageOutputs,
-    rebuild: Callable[[], MLLM | RossMLLM],
+    rebuild: Callable[[], torch.nn.Module],
     extra: dict | None = None,
 ) -> dict:
     """Train (unless ``samples`` is None; ``run_id`` fingerprints the inputs a checkpoint may be resumed
@@ -243,7 +243,7 @@ def train_and_save(
         trained = rebuild()
         trained.load_state_dict(state)
         with atomic_dir(outputs.model) as tmp:
-            trained.save(tmp) if isinstance(trained, RossMLLM) else save_mllm(trained, tmp)
+            trained.save(tmp) if hasattr(trained, "save") else save_mllm(trained, tmp)  # Ross, VoRA: their own parts
         write_json(outputs.metrics, summary)
         write_loss_csv(outputs.loss_curve, history)
         shutil.rmtree(outputs.checkpoints, ignore_errors=True)
