@@ -43,16 +43,22 @@ def test_two_processes_embed_exactly_like_one_through_dvc(tiny_repo, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ross", [False, True], ids=["plain", "ross"])
-def test_two_processes_train_in_sync_and_close_to_one(tiny_repo, tmp_path, ross):
+@pytest.mark.parametrize("variant", ["plain", "ross", "vora"])
+def test_two_processes_train_in_sync_and_close_to_one(tiny_repo, tmp_path, variant):
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     params["pretrain"]["batch_size"] //= 2  # per process: the global batch stays the one-process batch
-    if ross:  # the denoiser trains beside the projector, and its weights must stay in sync too
+    if variant == "ross":  # the denoiser trains beside the projector, and its weights must stay in sync too
         params["pretrain"].update(source="paired", ross=True)
+    if variant == "vora":  # LoRA, patch embedding and distillation heads must stay in sync
+        params["pretrain"]["source"], params["model"]["visual_input"] = "paired", "pixels"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data = tiny_repo / "data"
     options = ["--params", tmp_path / "params.yaml", "--prepared", data / "prepared", "--embeddings", data / "embeddings"]
+    if variant == "vora":
+        pixels = ["--params", tmp_path / "params.yaml", "--prepared", data / "prepared", "--out", tmp_path / "pixels"]
+        run(["revision", "grid", *map(str, pixels), "--metrics", str(tmp_path / "grid.json")], tiny_repo, tracking_uri=tracking)
+        options += ["--grids", tmp_path / "pixels"]
     options += ["--realign", data / "realign", "--lm-dir", data / "lm", "--out", tmp_path / "pretrain"]
     options += ["--checkpoints", tmp_path / "checkpoints", "--metrics", tmp_path / "pretrain.json"]
     options += ["--loss-plot", tmp_path / "loss.csv"]
@@ -68,7 +74,11 @@ def test_two_processes_train_in_sync_and_close_to_one(tiny_repo, tmp_path, ross)
     assert two["loss_last"] < two["loss_first"]
     assert runs_of(tracking, "pretrain") == 1
     assert (tmp_path / "pretrain" / "mllm.json").exists() and not (tmp_path / "checkpoints").exists()
-    if ross:
+    if variant == "vora":
+        assert two["distill_loss_last"] < two["distill_loss_first"]
+        assert (tmp_path / "pretrain" / "adapter").is_dir()
+        return
+    if variant == "ross":
         assert two["denoise_loss_last"] < two["denoise_loss_first"]
         assert (tmp_path / "pretrain" / "ross" / "denoiser.safetensors").exists()
         return

@@ -82,6 +82,9 @@ class VoraMLLM(nn.Module):
     def __init__(self, mllm: MLLM, cfg: VoraConfig):
         super().__init__()
         self.mllm, self.cfg = mllm, cfg
+        if not cfg.distill_weight:  # no teacher, no heads: nothing unused for DDP to wait on
+            self.teacher, self.heads = None, nn.ModuleList()
+            return
         grid = int(mllm.config.visual_tokens**0.5)
         self.teacher = Teacher(cfg.teacher, cfg.teacher_size, grid).to(mllm.device)
         hidden = mllm.projector.hidden_size
@@ -96,7 +99,7 @@ class VoraMLLM(nn.Module):
     def forward(self, pixels: torch.Tensor, conversations: list) -> dict[str, torch.Tensor]:
         mllm = self.mllm
         lm_loss, batch, states = mllm.loss_and_states(pixels, conversations)
-        if not self.cfg.distill_weight:
+        if self.teacher is None:
             return {"loss": lm_loss}
         side = mllm.projector.image_size
         teacher = self.teacher(pixels.to(mllm.device).view(-1, CHANNELS, side, side))
