@@ -283,3 +283,13 @@ def test_vora_conditions_are_compared_with_the_encoder_with_grid_tokens_and_with
     assert overrides["study-vora_causal-s0"]["vora.attention"] == "causal"
     assert overrides["study-full-s0"]["vora.attention"] == "bidirectional"  # every experiment sets every key
     assert overrides["study-vora_causal-s0"]["model.visual_input"] == "pixels"
+
+
+def test_report_says_when_experiments_ran_on_different_encoder_builds():
+    experiments = [_experiment(f"study-full-s{s}", 0.6, 1.0) for s in range(3)]
+    for experiment, build in zip(experiments, ["aaaa", "aaaa", "bbbb"]):
+        experiment["data"]["metrics"]["reports/encoder.json"] = {"data": {"encoder": {"id": build}}}
+    report = render(study_results(_exp_show(experiments)), [])
+    assert "ran on 2 builds of the encoder" in report and "aaaa (2 experiments), bbbb (1 experiments)" in report
+    same = render(study_results(_exp_show(experiments[:2])), [])
+    assert "builds of the encoder" not in same

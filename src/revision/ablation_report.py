@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from revision.study import (
     DOWNSTREAM,
@@ -84,10 +84,19 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
     finished = sorted(r.finished for r in results if r.finished)
     if finished:
         lines += [f"Experiments finished between {finished[0]} and {finished[-1]}.", ""]
+    builds = Counter(_encoder_id(r) for r in results if _encoder_id(r))
+    if len(builds) > 1:
+        counts = ", ".join(f"{build} ({n} experiments)" for build, n in sorted(builds.items()))
+        lines += [f"The experiments ran on {len(builds)} builds of the encoder, trained from the same params (the "
+                  f"floating-point results of its training differ between machines): {counts}.", ""]  # fmt: skip
     missing = [f"{'stress-' if s else ''}{c}" for (s, c), rs in groups.items() if len(rs) < len(seeds)]
     if missing:
         lines += [f"Conditions with fewer seeds than the others: {', '.join(sorted(missing))}.", ""]
     return lines
+
+
+def _encoder_id(result: Result) -> str | None:
+    return result.metrics.get("reports/encoder.json", {}).get("encoder", {}).get("id")
 
 
 def _section(title: str, keys: list[tuple[bool, str]], groups: dict, stress: bool = False) -> list[str]:
