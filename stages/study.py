@@ -46,6 +46,7 @@ def main(
     ),
     run_record: Path = typer.Option(Path("reports/study_run.json"), help="wall time and size of every grid run"),
 ) -> None:
+    failed: list[str] = []
     if not report_only:
         if not profile.is_file():
             raise InputError(f"{profile}: no such study profile")
@@ -71,14 +72,19 @@ def main(
         start, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S")
         finished = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)])
         wall = time.perf_counter() - start
+        done = {result.name for result in finished_results(results)[0]}
+        failed = [experiment.name for experiment in experiments if experiment.name not in done]
         runs = read_runs(run_record) + [{
             "started": started, "experiments": len(experiments), "seeds": seeds, "stress_shift": stress_shift,
             "conditions": plain, "stress_conditions": stressed if stress_shift else [], "jobs": jobs,
-            "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode,
+            "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode, "without_result": failed,
         }]  # fmt: skip
         write_json(run_record, {"runs": runs})
         typer.echo(f"study: the queue ran for {wall / 60:.1f} min (dvc exit code {finished.returncode})")
     write_report(report, run_record, results)
+    if failed:  # `dvc exp run --run-all` exits 0 when its experiments fail
+        raise InputError(f"{len(failed)} of {len(experiments)} experiments have no result: {', '.join(failed)}; "
+                         f"`dvc queue status` and `dvc queue logs <name>` say why, `--skip-done` runs them again")
 
 
 def read_runs(run_record: Path) -> list[dict]:

@@ -293,3 +293,24 @@ def test_report_says_when_experiments_ran_on_different_encoder_builds():
     assert "ran on 2 builds of the encoder" in report and "aaaa (2 experiments), bbbb (1 experiments)" in report
     same = render(study_results(_exp_show(experiments[:2])), [])
     assert "builds of the encoder" not in same
+
+
+def test_experiments_that_leave_no_result_fail_the_study_and_are_recorded(tmp_path, monkeypatch):
+    """`dvc exp run --run-all` exits 0 when its experiments fail: the study must not."""
+    from typer.testing import CliRunner
+
+    import stages.study
+    from stages.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    saved = study_results(_exp_show([_experiment("study-raw-s0", 0.6, 1.0)]))
+    (tmp_path / "results.json").write_text(json.dumps(results_record(saved)))
+    (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
+    ok = lambda command, **kwargs: subprocess.CompletedProcess(command, 0, stdout="[]", stderr="")  # noqa: E731
+    monkeypatch.setattr(stages.study.subprocess, "run", ok)
+    args = ["study", "--seeds", "1", "--conditions", "full,raw", "--stress-shift", "0", "--profile", "profile.yaml",
+            "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "1 of 2 experiments have no result: study-full-s0" in result.output
+    assert json.loads((tmp_path / "run.json").read_text())["runs"][0]["without_result"] == ["study-full-s0"]
+    assert "without a result: study-full-s0" in (tmp_path / "ablation.md").read_text()

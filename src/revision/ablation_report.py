@@ -78,7 +78,8 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
         ]))  # fmt: skip
         lines.append(f"Grid run{' started ' + run['started'] if run.get('started') else ''}: {run['experiments']} "
                      f"experiments{' (' + what + ')' if what else ''} in {run['wall_s'] / 60:.1f} min, {run['jobs']} at "
-                     f"a time; dvc exit code {run['dvc_exit_code']}.")  # fmt: skip
+                     f"a time; dvc exit code {run['dvc_exit_code']}"
+                     f"{'; without a result: ' + ', '.join(run['without_result']) if run.get('without_result') else ''}.")  # fmt: skip
     if runs:
         lines.append("")
     finished = sorted(r.finished for r in results if r.finished)
