@@ -133,7 +133,7 @@ def test_feature_targets_are_one_frozen_token_per_visual_token(feature_targets):
 
 def test_each_token_folds_its_own_2x2_window_of_the_stride8_map(feature_targets):
     image = images(1)
-    x = feature_targets._stem(feature_targets.tower.preprocess(image))
+    x = feature_targets.tower.stem(feature_targets.tower.preprocess(image))
     for block in feature_targets.tower.model._blocks[: feature_targets.blocks]:
         x = block(x)
     assert x.shape[-2:] == (8, 8)  # 64 px / 8

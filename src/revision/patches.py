@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -42,10 +41,9 @@ class PixelRows(nn.Module):
         self.image_size, self.dim = image_size, CHANNELS * image_size**2
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
-        arrays = np.stack([np.asarray(img.convert("RGB").resize(size, Image.BICUBIC)) for img in images])
-        pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return pixels.flatten(1)
+        from revision.encoders import pixel_tensor
+
+        return pixel_tensor(images, self.image_size).flatten(1)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         raise ValueError("text has no pixels: only images can be a pixels model's visual input")

@@ -155,7 +155,7 @@ class TargetTokenizer(nn.Module):
     def _stride8_blocks(self) -> int:
         """How many EfficientNet blocks run before the map shrinks below stride 8."""
         size = self.tower.image_size
-        x = self._stem(torch.zeros(1, 3, size, size))
+        x = self.tower.stem(torch.zeros(1, 3, size, size))
         last = 0
         for index, block in enumerate(self.tower.model._blocks):
             x = block(x)
@@ -163,16 +163,12 @@ class TargetTokenizer(nn.Module):
                 last = index + 1
         return last
 
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.tower.model
-        return model._swish(model._bn0(model._conv_stem(x)))
-
     @torch.no_grad()
     def forward(self, images: list) -> torch.Tensor:
         """[B, grid², dim] target tokens, row-major like the visual tokens."""
         x = self.tower.preprocess(images).to(next(self.tower.parameters()).device)
         if self.kind == "features":
-            x = self._stem(x)
+            x = self.tower.stem(x)
             for block in self.tower.model._blocks[: self.blocks]:
                 x = block(x)
         fold = x.shape[-1] // self.grid  # 2 for features, 8 for pixels

@@ -60,7 +60,7 @@ class Teacher(nn.Module):
         if not hasattr(model, "_blocks"):  # the tiny conv net: conv + ReLU twice
             first = model.net[:2](x)
             return [first, model.net[2:4](first)]
-        x = model._swish(model._bn0(model._conv_stem(x)))
+        x = self.tower.stem(x)
         outputs = []
         for block in model._blocks:
             x = block(x)
