@@ -14,15 +14,17 @@ import yaml
 from revision.config import flatten
 from revision.errors import InputError
 from revision.outputs import write_json
-from revision.study import CONDITIONS, STRESS_CONDITIONS, grid, queue_command
+from revision.study import CONDITIONS, EXISTENCE_CONDITIONS, STRESS_CONDITIONS, World, grid, queue_command
 from revision.tracking import create_store
 
 NAME = "study"
 HELP = (
     "Run the ablation study: queue one DVC experiment per condition (stage 1 on nothing, paired images, raw "
     "text, or text aligned by mean shift, C3, ReAlign anchor only / anchor+trace / full; paired images as grid "
-    "tokens; paired (pooled and grid) and full ReAlign again with Ross's reconstruction loss) and seed, plus the "
-    "alignment conditions again under the modality-gap stress (embed.stress_shift), all with the sizes of "
+    "tokens; paired (pooled and grid) and full ReAlign again with Ross's reconstruction loss; VoRA's encoder-free "
+    "path) and seed, plus the alignment conditions again under the modality-gap stress (embed.stress_shift), and "
+    "the grid-token, Ross and VoRA conditions again with POPE-style existence questions in the SFT mix "
+    "(prepare.existence_questions), all with the sizes of "
     "profiles/study.yaml; run the queue (`dvc exp run --run-all`), then write reports/ablation.md from "
     "`dvc exp show --json`. MLflow runs of all experiments go to one store (MLFLOW_TRACKING_URI, by default "
     "this folder's mlflow.db). Not a DVC stage: it drives DVC."
@@ -35,6 +37,8 @@ def main(
     profile: Path = typer.Option(Path("profiles/study.yaml"), help="sizes every experiment runs with"),
     conditions: str = typer.Option(",".join(CONDITIONS), help="conditions of the plain world, comma-separated"),
     stress_conditions: str = typer.Option(",".join(STRESS_CONDITIONS), help="conditions of the stress world"),
+    existence_questions: int = typer.Option(1, min=0, help="prepare.existence_questions of the existence world (0: no existence world)"),
+    existence_conditions: str = typer.Option(",".join(EXISTENCE_CONDITIONS), help="conditions of the existence world"),
     jobs: int = typer.Option(1, min=1, help="experiments run at once (each uses every core it can get)"),
     skip_done: bool = typer.Option(
         False, help="leave out the experiments that already have results (--results or `dvc exp show`): go on with a grid run in parts"
@@ -51,9 +55,11 @@ def main(
         if not profile.is_file():
             raise InputError(f"{profile}: no such study profile")
         sizes = flatten(yaml.safe_load(profile.read_text()) or {})
-        plain, stressed = _names(conditions), _names(stress_conditions)
+        worlds = [World("", 0, tuple(_names(conditions)))]
+        worlds += [World("stress", stress_shift, tuple(_names(stress_conditions)))] if stress_shift else []
+        worlds += [World("existence", existence_questions, tuple(_names(existence_conditions)))] if existence_questions else []
         try:
-            experiments = grid(range(seeds), sizes, stress_shift, plain, stressed)
+            experiments = grid(range(seeds), sizes, worlds)
         except ValueError as error:
             raise InputError(str(error)) from error
         if skip_done:
@@ -76,15 +82,18 @@ def main(
         failed = [experiment.name for experiment in experiments if experiment.name not in done]
         runs = read_runs(run_record) + [{
             "started": started, "experiments": len(experiments), "seeds": seeds, "stress_shift": stress_shift,
-            "conditions": plain, "stress_conditions": stressed if stress_shift else [], "jobs": jobs,
+            "conditions": list(worlds[0].conditions), "existence_questions": existence_questions, "jobs": jobs,
+            **{f"{world.name}_conditions": list(world.conditions) for world in worlds[1:]},
             "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode, "without_result": failed,
         }]  # fmt: skip
         write_json(run_record, {"runs": runs})
         typer.echo(f"study: the queue ran for {wall / 60:.1f} min (dvc exit code {finished.returncode})")
     write_report(report, run_record, results)
     if failed:  # `dvc exp run --run-all` exits 0 when its experiments fail
-        raise InputError(f"{len(failed)} of {len(experiments)} experiments have no result: {', '.join(failed)}; "
-                         f"`dvc queue status` and `dvc queue logs <name>` say why, `--skip-done` runs them again")
+        raise InputError(
+            f"{len(failed)} of {len(experiments)} experiments have no result: {', '.join(failed)}; "
+            f"`dvc queue status` and `dvc queue logs <name>` say why, `--skip-done` runs them again"
+        )
 
 
 def read_runs(run_record: Path) -> list[dict]:

@@ -14,6 +14,7 @@ from revision.ablation_report import render
 from revision.study import (
     CONDITIONS,
     STRESS_CONDITIONS,
+    World,
     grid,
     merge_results,
     pending,
@@ -28,10 +29,15 @@ from revision.study import (
 from tests.helpers import BIN
 
 PROFILE = {"pretrain.max_samples": 256, "evaluate.max_images": 40}
+PLAIN_ONLY = ["--stress-shift", "0", "--existence-questions", "0"]  # `revision study` without its other worlds
+
+
+def worlds(plain=tuple(CONDITIONS), stress=STRESS_CONDITIONS, existence=()) -> list[World]:
+    return [World("", 0, tuple(plain)), World("stress", 0.8, tuple(stress)), World("existence", 2, tuple(existence))]
 
 
 def test_grid_is_every_condition_and_seed_plus_the_stress_world():
-    experiments = grid(range(3), PROFILE, 0.8)
+    experiments = grid(range(3), PROFILE, worlds())
     assert len(experiments) == 3 * (len(CONDITIONS) + len(STRESS_CONDITIONS))
     assert len({e.name for e in experiments}) == len(experiments)
     assert len({frozenset(e.overrides) for e in experiments}) == 1  # every experiment sets the same keys
@@ -39,19 +45,30 @@ def test_grid_is_every_condition_and_seed_plus_the_stress_world():
         seed = int(e.name.rsplit("-s", 1)[1])
         assert e.overrides["model.seed"] == e.overrides["pretrain.seed"] == e.overrides["finetune.seed"] == seed
         assert e.overrides["embed.stress_shift"] == (0.8 if e.name.startswith("study-stress-") else 0.0)
+        assert e.overrides["prepare.existence_questions"] == 0
         assert e.overrides["pretrain.max_samples"] == 256
     anchor = next(e for e in experiments if e.name == "study-anchor-s0").overrides
     assert (anchor["realign.anchor"], anchor["realign.trace"], anchor["realign.centroid"]) == (True, False, False)
     assert [e.name for e in experiments[:2]] == ["study-none-s0", "study-paired-s0"]  # seed-major order
-    assert len(grid(range(2), PROFILE, 0.0)) == 2 * len(CONDITIONS)
+    assert len(grid(range(2), PROFILE, worlds(stress=()))) == 2 * len(CONDITIONS)
+
+
+def test_the_existence_world_turns_on_existence_questions_and_nothing_else():
+    experiments = grid(range(1), PROFILE, worlds(plain=["full"], stress=[], existence=["full", "vora"]))
+    overrides = {e.name: e.overrides for e in experiments}
+    assert sorted(overrides) == ["study-existence-full-s0", "study-existence-vora-s0", "study-full-s0"]
+    plain, existence = overrides["study-full-s0"], overrides["study-existence-full-s0"]
+    assert existence["prepare.existence_questions"] == 2 and plain["prepare.existence_questions"] == 0
+    assert {k: v for k, v in existence.items() if plain[k] != v} == {"prepare.existence_questions": 2}
+    assert overrides["study-existence-vora-s0"]["embed.stress_shift"] == 0
 
 
 def test_queue_command_writes_yaml_booleans():
-    command = queue_command(next(e for e in grid([0], PROFILE, 0.0) if e.name == "study-full-s0"))
+    command = queue_command(next(e for e in grid([0], PROFILE, worlds(stress=())) if e.name == "study-full-s0"))
     assert command[:6] == ["dvc", "exp", "run", "--queue", "--name", "study-full-s0"]
     assert "realign.centroid=true" in command and "pretrain.source=aligned" in command
     assert "finetune.ross=false" in command and "pretrain.ross=false" in command
-    ross = queue_command(next(e for e in grid([0], PROFILE, 0.0) if e.name == "study-full_ross-s0"))
+    ross = queue_command(next(e for e in grid([0], PROFILE, worlds(stress=())) if e.name == "study-full_ross-s0"))
     assert "finetune.ross=true" in ross and "pretrain.ross=false" in ross and "realign.centroid=true" in ross
 
 
@@ -68,8 +85,11 @@ def test_noise_rule_uses_two_standard_errors():
 
 def _experiment(name: str, garment: float, nll: float, error: str | None = None) -> dict:
     metrics = {"pretrain": {"rank_garment_acc": garment, "caption_nll": nll}, "finetune": {"rank_garment_acc": garment + 0.1, "cider": 1.0}}
-    realign = {"after": {"centroid_gap": 0.001}, "before": {"centroid_gap": 0.5},
-               "probe_class_name": {"text_aligned": 0.9, "text_raw": 0.6}}
+    realign = {
+        "after": {"centroid_gap": 0.001},
+        "before": {"centroid_gap": 0.5},
+        "probe_class_name": {"text_aligned": 0.9, "text_raw": 0.6},
+    }
     data = {
         "rev": name[:7],
         "timestamp": "2026-11-22T10:00:00",
@@ -100,7 +120,7 @@ def test_report_aggregates_seeds_and_says_what_is_within_noise():
     del queued["data"]["metrics"]["reports/evaluate/metrics.json"]
     experiments += [running, queued]
     results = study_results(_exp_show(experiments))
-    assert sorted((r.stress, r.condition, r.seed) for r in results)[:2] == [(False, "anchor", 0), (False, "anchor", 1)]
+    assert sorted((r.world, r.condition, r.seed) for r in results)[:2] == [("", "anchor", 0), ("", "anchor", 1)]
     assert all(r.condition != "c3" for r in results) and len(results) == 10  # failed and foreign experiments left out
     runs = [{"wall_s": 600.0, "experiments": 10, "jobs": 1, "dvc_exit_code": 0},
             {"started": "2026-12-01T19:35:00", "wall_s": 120.0, "experiments": 3, "jobs": 2, "dvc_exit_code": 0,
@@ -140,7 +160,7 @@ def test_saved_results_round_trip_and_newer_runs_replace_them():
 
 
 def test_skip_done_leaves_out_the_experiments_with_results():
-    experiments = grid(range(2), PROFILE, 0.8, conditions=["c3", "full"], stress_conditions=["full"])
+    experiments = grid(range(2), PROFILE, worlds(plain=["c3", "full"], stress=["full"]))
     done = study_results(_exp_show([_experiment("study-full-s0", 0.1, 2.0), _experiment("study-stress-full-s1", 0.2, 2.0),
                                     _experiment("study-raw-s0", 0.3, 2.0)]))  # fmt: skip
     assert sorted(r.name for r in done) == ["study-full-s0", "study-raw-s0", "study-stress-full-s1"]
@@ -150,11 +170,11 @@ def test_skip_done_leaves_out_the_experiments_with_results():
 
 
 def test_grid_runs_the_chosen_conditions_and_refuses_unknown_ones():
-    experiments = grid(range(3), PROFILE, 0.8, conditions=["full"], stress_conditions=["raw", "anchor"])
+    experiments = grid(range(3), PROFILE, worlds(plain=["full"], stress=["raw", "anchor"]))
     assert sorted(e.name for e in experiments if e.name.endswith("-s0")) == [
         "study-full-s0", "study-stress-anchor-s0", "study-stress-raw-s0"]  # fmt: skip
     with pytest.raises(ValueError, match="unknown study conditions \\['ful'\\]"):
-        grid(range(1), PROFILE, 0.8, conditions=["ful"])
+        grid(range(1), PROFILE, worlds(plain=["ful"]))
 
 
 def test_run_record_keeps_every_grid_run(tmp_path):
@@ -172,7 +192,8 @@ def test_report_shows_the_pope_yes_ratio_and_compares_the_generation_metrics():
     experiments = [_experiment(f"study-{c}-s{s}", 0.6, 1.0) for c in ("full", "c3") for s in range(2)]
     for e in experiments:
         e["data"]["metrics"]["reports/evaluate/metrics.json"]["data"]["finetune"].update(
-            pope_f1=0.667, pope_yes_ratio=1.0 if "c3" in e["name"] else 0.4, vqa_acc=0.5)
+            pope_f1=0.667, pope_yes_ratio=1.0 if "c3" in e["name"] else 0.4, vqa_acc=0.5
+        )
     report = render(study_results(_exp_show(experiments)), [])
     assert "| pope_f1 | pope_yes_ratio | vqa_acc |" in report and "| 1.000 ± 0.000 |" in report
     assert "finetune cider +0.000 (within noise); finetune vqa_acc +0.000 (within noise)" in report
@@ -213,7 +234,7 @@ def test_skip_done_with_every_result_there_queues_nothing_and_writes_the_report(
     saved = study_results(_exp_show([_experiment(f"study-full-s{s}", 0.6, 1.0) for s in range(2)]))
     (tmp_path / "results.json").write_text(json.dumps(results_record(saved)))
     (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
-    args = ["study", "--seeds", "2", "--conditions", "full", "--stress-shift", "0", "--skip-done", "--profile", "profile.yaml",
+    args = ["study", "--seeds", "2", "--conditions", "full", *PLAIN_ONLY, "--skip-done", "--profile", "profile.yaml",
             "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -262,7 +283,7 @@ def test_the_tracking_store_exists_before_the_experiments_start(tmp_path, monkey
         return subprocess.CompletedProcess(command, 0, stdout="[]", stderr="")
 
     monkeypatch.setattr(stages.study.subprocess, "run", fake_run)
-    args = ["study", "--seeds", "1", "--conditions", "full", "--stress-shift", "0", "--profile", "profile.yaml", "--jobs", "2",
+    args = ["study", "--seeds", "1", "--conditions", "full", *PLAIN_ONLY, "--profile", "profile.yaml", "--jobs", "2",
             "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -279,7 +300,7 @@ def test_vora_conditions_are_compared_with_the_encoder_with_grid_tokens_and_with
         "- VoRA without distillation vs VoRA (pixels, vision LoRA, distilled)",
         "- VoRA with a causal mask vs VoRA (pixels, vision LoRA, distilled)",
     ]
-    overrides = {e.name: e.overrides for e in grid([0], {}, 0.0, ["vora_causal", "full"], [])}
+    overrides = {e.name: e.overrides for e in grid([0], {}, worlds(plain=["vora_causal", "full"], stress=[]))}
     assert overrides["study-vora_causal-s0"]["vora.attention"] == "causal"
     assert overrides["study-full-s0"]["vora.attention"] == "bidirectional"  # every experiment sets every key
     assert overrides["study-vora_causal-s0"]["model.visual_input"] == "pixels"
@@ -308,9 +329,31 @@ def test_experiments_that_leave_no_result_fail_the_study_and_are_recorded(tmp_pa
     (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
     ok = lambda command, **kwargs: subprocess.CompletedProcess(command, 0, stdout="[]", stderr="")  # noqa: E731
     monkeypatch.setattr(stages.study.subprocess, "run", ok)
-    args = ["study", "--seeds", "1", "--conditions", "full,raw", "--stress-shift", "0", "--profile", "profile.yaml",
+    args = ["study", "--seeds", "1", "--conditions", "full,raw", *PLAIN_ONLY, "--profile", "profile.yaml",
             "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "1 of 2 experiments have no result: study-full-s0" in result.output
     assert json.loads((tmp_path / "run.json").read_text())["runs"][0]["without_result"] == ["study-full-s0"]
     assert "without a result: study-full-s0" in (tmp_path / "ablation.md").read_text()
+
+
+def test_the_existence_world_has_its_own_tables_and_is_compared_with_the_plain_world():
+    names = [f"study-{w}{c}-s{s}" for w in ("", "existence-") for c in ("full", "full_ross") for s in range(2)]
+    experiments = [_experiment(name, 0.8 if "existence" in name else 0.6, 1.0) for name in names]
+    for e in experiments:
+        e["data"]["params"]["params.yaml"]["data"]["prepare"] = {"existence_questions": 1 if "existence" in e["name"] else 0}
+    results = study_results(_exp_show(experiments))
+    assert {r.world for r in results} == {"", "existence"} and len(results) == 8
+    report = render(results, [{"wall_s": 60.0, "experiments": 4, "jobs": 2, "dvc_exit_code": 0,
+                               "existence_conditions": ["full", "full_ross"]}])  # fmt: skip
+    assert "## Ross's reconstruction loss (with and without), with existence questions in SFT (prepare.existence_questions = 1)" in report
+    assert "(existence: full/full_ross)" in report
+    effect = report[report.index("What a world's setting changes") :]
+    line = next(x for x in effect.splitlines() if x.startswith("- ReAlign full (ReVision) (existence) vs ReAlign full (ReVision):"))
+    assert "pretrain rank_garment_acc +0.200 (above noise)" in line
+
+
+def test_results_saved_before_worlds_existed_still_load():
+    old = {"experiments": [{"stress": True, "condition": "raw", "seed": 0, "params": {}, "metrics": {}, "finished": "x"},
+                           {"stress": False, "condition": "full", "seed": 1, "params": {}, "metrics": {}}]}  # fmt: skip
+    assert [r.name for r in results_from_record(old)] == ["study-stress-raw-s0", "study-full-s1"]

@@ -12,8 +12,8 @@ from revision.study import (
     LOWER_IS_BETTER,
     PAPER,
     REFERENCE,
-    STRESS_CONDITIONS,
     TABLES,
+    WORLDS,
     Result,
     Summary,
     downstream,
@@ -23,26 +23,56 @@ from revision.study import (
     within_noise,
 )  # fmt: skip
 
-PAPER_TEXT = ("no alignment 47.50, C3 48.06, anchor only 46.68, anchor + trace 48.67, full ReAlign 50.16, no stage 1 "
-              "43.58; paired 1M pairs 48.91 vs ReVision on 2M texts 49.75.")
+PAPER_TEXT = (
+    "no alignment 47.50, C3 48.06, anchor only 46.68, anchor + trace 48.67, full ReAlign 50.16, no stage 1 "
+    "43.58; paired 1M pairs 48.91 vs ReVision on 2M texts 49.75."
+)
 CHECKPOINTS = {"pretrain": "after stage 1 only (zero-shot: no paired image seen)", "finetune": "after stage 2"}
 
 
 def render(results: list[Result], runs: list[dict]) -> str:
-    groups: dict[tuple[bool, str], list[Result]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[Result]] = defaultdict(list)
     for result in results:
-        groups[(result.stress, result.condition)].append(result)
+        groups[(result.world, result.condition)].append(result)
     lines = _header(results, groups, runs)
-    shown: list[set] = []
-    for title, conditions in TABLES.items():
-        present = [c for c in conditions if groups.get((False, c))]
-        if not any(set(present) <= rows for rows in shown):  # part of a grid can leave a table with rows shown before
-            shown.append(set(present))
-            lines += _section(title, [(False, c) for c in present], groups)
-    stressed = [(True, c) for c in STRESS_CONDITIONS]
-    shift = _stress_shift(results)
-    lines += _section(f"Under the gap stress (embed.stress_shift = {shift})", stressed, groups, stress=True)
+    for world in ("", *WORLDS):
+        lines += _world_tables(world, groups, _world_title(world, results))
+    lines += _world_effect(groups)
     return "\n".join(lines) + "\n"
+
+
+def _world_tables(world: str, groups: dict, suffix: str) -> list[str]:
+    """Each table of ``TABLES`` with the world's conditions in it, leaving out a table whose rows another
+    table of the world shows too (a world runs some conditions only; a grid run in parts, some seeds)."""
+    present = {title: [c for c in conditions if groups.get((world, c))] for title, conditions in TABLES.items()}
+    lines: list[str] = []
+    shown: list[set] = []
+    for title, rows in present.items():
+        inside_another = any(set(rows) < set(other) for other in present.values())
+        if rows and not inside_another and set(rows) not in shown:
+            shown.append(set(rows))
+            lines += _section(title + suffix, [(world, c) for c in rows], groups)
+    return lines
+
+
+def _world_title(world: str, results: list[Result]) -> str:
+    if not world:
+        return ""
+    setting = WORLDS[world][0]
+    section, key = setting.split(".")
+    values = {r.params.get(section, {}).get(key) for r in results if r.world == world}
+    what = {"stress": "under the gap stress", "existence": "with existence questions in SFT"}[world]
+    return f", {what} ({setting} = {', '.join(str(v) for v in sorted(values, key=str)) or '?'})"
+
+
+def _world_effect(groups: dict) -> list[str]:
+    """A condition in each world against itself in the plain world: what the world's setting changes."""
+    pairs = [(key, ("", key[1])) for key in sorted(groups) if key[0] and ("", key[1]) in groups]
+    return _comparisons(
+        pairs,
+        groups,
+        "What a world's setting changes (each condition against itself in the plain world; positive: better with the setting):",
+    )
 
 
 def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
@@ -75,6 +105,7 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
         what = ", ".join(filter(None, [
             "plain: " + "/".join(run["conditions"]) if run.get("conditions") else "",
             "stress: " + "/".join(run["stress_conditions"]) if run.get("stress_conditions") and run.get("stress_shift") else "",
+            "existence: " + "/".join(run["existence_conditions"]) if run.get("existence_conditions") else "",
         ]))  # fmt: skip
         lines.append(f"Grid run{' started ' + run['started'] if run.get('started') else ''}: {run['experiments']} "
                      f"experiments{' (' + what + ')' if what else ''} in {run['wall_s'] / 60:.1f} min, {run['jobs']} at "
@@ -90,7 +121,7 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
         counts = ", ".join(f"{build} ({n} experiments)" for build, n in sorted(builds.items()))
         lines += [f"The experiments ran on {len(builds)} builds of the encoder, trained from the same params (the "
                   f"floating-point results of its training differ between machines): {counts}.", ""]  # fmt: skip
-    missing = [f"{'stress-' if s else ''}{c}" for (s, c), rs in groups.items() if len(rs) < len(seeds)]
+    missing = [f"{w + '-' if w else ''}{c}" for (w, c), rs in groups.items() if len(rs) < len(seeds)]
     if missing:
         lines += [f"Conditions with fewer seeds than the others: {', '.join(sorted(missing))}.", ""]
     return lines
@@ -100,7 +131,7 @@ def _encoder_id(result: Result) -> str | None:
     return result.metrics.get("reports/encoder.json", {}).get("encoder", {}).get("id")
 
 
-def _section(title: str, keys: list[tuple[bool, str]], groups: dict, stress: bool = False) -> list[str]:
+def _section(title: str, keys: list[tuple[str, str]], groups: dict) -> list[str]:
     present = [k for k in keys if groups.get(k)]
     if not present:
         return []
@@ -110,7 +141,7 @@ def _section(title: str, keys: list[tuple[bool, str]], groups: dict, stress: boo
     lines += [_row(head), _row(["---"] * len(head))]
     for key in present:
         runs = groups[key]
-        paper = "—" if stress or key[1] not in PAPER else f"{PAPER[key[1]]:.2f}"
+        paper = "—" if key[0] or key[1] not in PAPER else f"{PAPER[key[1]]:.2f}"
         cells = [summarize(gap_metric(r, col) for r in runs).cell() for col in gap_cols]
         lines.append(_row([LABELS[key[1]], str(len(runs)), paper, *cells]))
     lines.append("")
@@ -122,17 +153,18 @@ def _section(title: str, keys: list[tuple[bool, str]], groups: dict, stress: boo
             cells = [summarize(downstream(r, checkpoint, m) for r in groups[key]).cell() for m in DOWNSTREAM]
             lines.append(_row([LABELS[key[1]], *cells]))
         lines.append("")
-    lines += _comparisons(present, groups, stress)
+    pairs = [(key, (key[0], REFERENCE.get(key[1], "full"))) for key in present]
+    pairs = [(key, reference) for key, reference in pairs if key != reference and reference in present]
+    lines += _comparisons(pairs, groups, "Differences to the reference condition (positive: this condition is better):")
     return lines
 
 
-def _comparisons(present: list, groups: dict, stress: bool) -> list[str]:
-    """Each condition against its reference (``REFERENCE``: the same recipe without Ross; else full ReAlign)."""
-    pairs = [(key, (stress, REFERENCE.get(key[1], "full"))) for key in present]
-    pairs = [(key, reference) for key, reference in pairs if key != reference and reference in present]
+def _comparisons(pairs: list[tuple], groups: dict, heading: str) -> list[str]:
+    """Each (condition, reference) pair's headline differences (``REFERENCE``: the same recipe without Ross,
+    the encoder for VoRA; else full ReAlign)."""
     if not pairs:
         return []
-    lines = ["Differences to the reference condition (positive: this condition is better):", ""]
+    lines = [heading, ""]
     for key, reference in pairs:
         parts = []
         for checkpoint, metric in HEADLINE:
@@ -140,7 +172,7 @@ def _comparisons(present: list, groups: dict, stress: bool) -> list[str]:
             b = summarize(downstream(r, checkpoint, metric) for r in groups[reference])
             step = resolution([*groups[key], *groups[reference]], checkpoint, metric)
             parts.append(f"{checkpoint} {metric} {_difference(a, b, metric, step)}")
-        lines.append(f"- {LABELS[key[1]]} vs {LABELS[reference[1]]}: " + "; ".join(parts))
+        lines.append(f"- {_label(key)} vs {_label(reference)}: " + "; ".join(parts))
     return lines + [""]
 
 
@@ -152,9 +184,8 @@ def _difference(a: Summary, b: Summary, metric: str, step: float) -> str:
     return f"{delta:+.3f} ({verdict})"
 
 
-def _stress_shift(results: list[Result]) -> str:
-    shifts = {r.params.get("embed", {}).get("stress_shift") for r in results if r.stress}
-    return ", ".join(str(s) for s in sorted(shifts, key=str)) or "?"
+def _label(key: tuple[str, str]) -> str:
+    return LABELS[key[1]] + (f" ({key[0]})" if key[0] else "")
 
 
 def _row(cells: list[str]) -> str:

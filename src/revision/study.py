@@ -1,8 +1,9 @@
 """The ablation study: a grid of DVC experiments (condition x seed) and the report made from their results.
 
 Every experiment is the pipeline with the study profile's sizes, one condition (how stage 1 gets its inputs)
-and one seed (model, pretrain and finetune seeds together). The stress world repeats the alignment
-conditions with ``embed.stress_shift`` on (``revision.stress``). The report reads what ``dvc exp show --json``
+and one seed (model, pretrain and finetune seeds together), in one world: the plain one, or a world that turns one
+setting on for its conditions (``WORLDS``: the modality-gap stress of ``revision.stress``, or POPE-style
+existence questions in the SFT mix). The report reads what ``dvc exp show --json``
 returns, so every number in it comes from an experiment that DVC can show and reproduce; the results are also
 kept in reports/study_results.json, so a clone without the experiment refs still has (and can re-render) them.
 """
@@ -47,6 +48,9 @@ REFERENCE = {"paired_ross": "paired", "full_ross": "full", "paired_grid": "paire
              "vora": "paired_grid", "vora_nodistill": "vora", "vora_causal": "vora"}  # fmt: skip
 VORA_DEFAULTS = {"vora.distill_weight": 1.0, "vora.attention": "bidirectional"}
 STRESS_CONDITIONS = ("raw", "anchor", "anchor_trace", "full")
+EXISTENCE_CONDITIONS = ("paired_grid", "paired_grid_ross", "full", "full_ross", "vora", "vora_nodistill", "vora_causal")
+# world -> the setting it turns on, and that setting's value in every other world
+WORLDS = {"stress": ("embed.stress_shift", 0.0), "existence": ("prepare.existence_questions", 0)}
 LABELS = {
     "none": "no stage 1", "paired": "paired images (LLaVA-style)", "raw": "raw text (no alignment)",
     "mean_shift": "mean shift (Unicorn)", "c3": "C3", "anchor": "ReAlign anchor only",
@@ -81,7 +85,7 @@ HEADLINE = (("pretrain", "caption_nll"), ("pretrain", "image_gain"), ("pretrain"
             ("finetune", "caption_nll"), ("finetune", "image_gain"), ("finetune", "rank_garment_acc"),
             ("finetune", "cider"), ("finetune", "vqa_acc"))  # fmt: skip
 EVALUATION = EVALUATE_METRICS.as_posix()  # the keys of `dvc exp show --json` metrics
-NAME = re.compile(r"^study-(?:(?P<stress>stress)-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
+NAME = re.compile(rf"^study-(?:(?P<world>{'|'.join(WORLDS)})-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -90,26 +94,29 @@ class Experiment:
     overrides: dict[str, object]
 
 
-def grid(
-    seeds: Sequence[int],
-    profile: dict[str, object],
-    stress_shift: float,
-    conditions: Sequence[str] = tuple(CONDITIONS),
-    stress_conditions: Sequence[str] = STRESS_CONDITIONS,
-) -> list[Experiment]:
-    """Seed-major, so a grid stopped early still has whole seeds of every condition."""
-    unknown = sorted((set(conditions) | set(stress_conditions)) - set(CONDITIONS))
+@dataclass(frozen=True)
+class World:
+    name: str  # "" (plain: every world setting off) or a key of WORLDS
+    setting: int | float  # the value of WORLDS[name] in this world
+    conditions: tuple[str, ...]
+
+
+def grid(seeds: Sequence[int], profile: dict[str, object], worlds: Sequence[World]) -> list[Experiment]:
+    """Seed-major, so a grid stopped early still has whole seeds of every condition. Every experiment sets
+    every world's setting and every condition's keys, so none inherits a value from another."""
+    unknown = sorted({c for world in worlds for c in world.conditions} - set(CONDITIONS))
     if unknown:
         raise ValueError(f"unknown study conditions {unknown}; known: {', '.join(CONDITIONS)}")
-    worlds = [("", 0.0, tuple(conditions))] + ([("stress-", stress_shift, tuple(stress_conditions))] if stress_shift else [])
+    defaults = {"realign.method": "realign", "model.visual_input": "pooled", **{s: True for s in SWITCHES},
+                **{r: False for r in ROSS}, **VORA_DEFAULTS}  # fmt: skip
     experiments = []
     for seed in seeds:
-        for prefix, shift, conditions in worlds:
-            for condition in conditions:
-                defaults = {"realign.method": "realign", "model.visual_input": "pooled", **{s: True for s in SWITCHES},
-                            **{r: False for r in ROSS}, **VORA_DEFAULTS}  # fmt: skip
-                overrides = {**profile, **defaults, **CONDITIONS[condition]}
-                overrides.update({"embed.stress_shift": shift, "model.seed": seed, "pretrain.seed": seed, "finetune.seed": seed})
+        for world in worlds:
+            settings = {key: world.setting if name == world.name else off for name, (key, off) in WORLDS.items()}
+            for condition in world.conditions:
+                overrides = {**profile, **defaults, **CONDITIONS[condition], **settings}
+                overrides.update({"model.seed": seed, "pretrain.seed": seed, "finetune.seed": seed})
+                prefix = f"{world.name}-" if world.name else ""
                 experiments.append(Experiment(f"study-{prefix}{condition}-s{seed}", overrides))
     return experiments
 
@@ -128,7 +135,7 @@ def queue_command(experiment: Experiment) -> list[str]:
 
 @dataclass(frozen=True)
 class Result:
-    stress: bool
+    world: str  # "" or a key of WORLDS
     condition: str
     seed: int
     params: dict
@@ -137,7 +144,7 @@ class Result:
 
     @property
     def name(self) -> str:
-        return f"study-{'stress-' if self.stress else ''}{self.condition}-s{self.seed}"
+        return f"study-{self.world + '-' if self.world else ''}{self.condition}-s{self.seed}"
 
 
 def study_results(exp_show: list) -> list[Result]:
@@ -156,7 +163,7 @@ def study_results(exp_show: list) -> list[Result]:
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
         metrics = {path: (entry or {}).get("data", {}) for path, entry in data["metrics"].items()}
         seed = int(match["seed"])
-        results.append(Result(bool(match["stress"]), match["condition"], seed, params, metrics, str(data["timestamp"])))
+        results.append(Result(match["world"] or "", match["condition"], seed, params, metrics, str(data["timestamp"])))
     return results
 
 
@@ -165,8 +172,8 @@ def merge_results(saved: Iterable[Result], shown: Iterable[Result]) -> list[Resu
     earlier sessions, which a fresh clone's ``dvc exp show`` no longer lists)."""
     newest: dict[tuple, Result] = {}
     for result in sorted([*saved, *shown], key=lambda r: r.finished):
-        newest[(result.stress, result.condition, result.seed)] = result
-    return sorted(newest.values(), key=lambda r: (r.stress, r.condition, r.seed))
+        newest[result.name] = result
+    return sorted(newest.values(), key=lambda r: (r.world, r.condition, r.seed))
 
 
 def pending(experiments: Iterable[Experiment], results: Iterable[Result]) -> list[Experiment]:
@@ -180,7 +187,16 @@ def results_record(results: Iterable[Result]) -> dict:
 
 
 def results_from_record(record: dict) -> list[Result]:
-    return [Result(**entry) for entry in record.get("experiments", [])]
+    return [Result(**_world_field(entry)) for entry in record.get("experiments", [])]
+
+
+def _world_field(entry: dict) -> dict:
+    """Records written before there were worlds have ``stress: bool``."""
+    if "stress" not in entry:
+        return entry
+    entry = dict(entry)
+    entry["world"] = "stress" if entry.pop("stress") else ""
+    return entry
 
 
 def _records(node) -> Iterable[dict]:
