@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from revision.embedding_sets import EmbeddingSet
 from stages.cli import app
-from tests.helpers import run
+from tests.helpers import edit_params, run
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +130,17 @@ def test_dag_and_param_change_rerun_only_dependents(tiny_repo):
     finally:
         params.write_text(original)
     assert "embed" in changed and not changed & {"prepare", "encoder"}
+
+
+def test_an_sft_only_change_retrains_neither_the_encoder_nor_stage_1(tiny_repo, tmp_path):
+    """Stages depend on the manifests they read, not on all of data/prepared: existence questions change sft.json
+    only, so DVC re-runs what reads SFT and keeps the encoder, the alignment and stage 1."""
+    repo = shutil.copytree(tiny_repo, tmp_path / "repo", symlinks=True)
+    edit_params(repo / "params.yaml", "prepare", existence_questions=2)
+    run(["dvc", "repro", "--single-item", "prepare"], repo)
+    changed = set(json.loads(run(["dvc", "status", "--json"], repo).stdout))
+    assert {"embed", "grid", "finetune"} <= changed, changed
+    assert not changed & {"prepare", "encoder", "realign", "pretrain", "lm", "evaluate"}, changed
 
 
 def test_prepare_splits_are_disjoint(tiny_repo):
