@@ -83,7 +83,7 @@ GAP = {  # column -> (section of reports/realign/metrics.json, key) for the alig
 }
 HEADLINE = (("pretrain", "caption_nll"), ("pretrain", "image_gain"), ("pretrain", "rank_garment_acc"),
             ("finetune", "caption_nll"), ("finetune", "image_gain"), ("finetune", "rank_garment_acc"),
-            ("finetune", "cider"), ("finetune", "vqa_acc"))  # fmt: skip
+            ("finetune", "cider"), ("finetune", "vqa_acc"), ("finetune", "pope_f1"))  # fmt: skip
 EVALUATION = EVALUATE_METRICS.as_posix()  # the keys of `dvc exp show --json` metrics
 NAME = re.compile(rf"^study-(?:(?P<world>{'|'.join(WORLDS)})-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
 
