@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import sqlite3
+import sys
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from revision.embedding_sets import EmbeddingSet
 from stages.cli import app
-from tests.helpers import edit_params, run
+from tests.helpers import copy_repo, edit_params, run
 
 pytestmark = pytest.mark.slow
 
@@ -141,6 +142,19 @@ def test_an_sft_only_change_retrains_neither_the_encoder_nor_stage_1(tiny_repo, 
     changed = set(json.loads(run(["dvc", "status", "--json"], repo).stdout))
     assert {"embed", "grid", "finetune"} <= changed, changed
     assert not changed & {"prepare", "encoder", "realign", "pretrain", "lm", "evaluate"}, changed
+
+
+def test_a_copy_of_the_project_runs_its_own_code(tmp_path):
+    """DVC runs queued experiments in copies of the repository; the installed `revision` must run the copy's
+    code there (stage command and library), not the workspace's, or an edit made after queueing would leak in."""
+    repo = copy_repo(tmp_path, profile=None)
+    stage = repo / "stages" / "prepare.py"
+    stage.write_text(stage.read_text().replace("Turn the bundled", "Copy-made prepare: turn the bundled", 1))
+    config = repo / "src" / "revision" / "config.py"
+    config.write_text(config.read_text().replace("POPE-style yes/no questions", "copy-made yes/no questions", 1))
+    for command in (["revision", "prepare", "--help"], [sys.executable, "-m", "stages", "prepare", "--help"]):
+        shown = " ".join(run(command, repo).stdout.split())
+        assert "Copy-made prepare" in shown and "copy-made yes/no questions" in shown, command
 
 
 def test_prepare_splits_are_disjoint(tiny_repo):
