@@ -65,7 +65,7 @@ def test_the_existence_world_turns_on_existence_questions_and_nothing_else():
 
 def test_queue_command_writes_yaml_booleans():
     command = queue_command(next(e for e in grid([0], PROFILE, worlds(stress=())) if e.name == "study-full-s0"))
-    assert command[:6] == ["dvc", "exp", "run", "--queue", "--name", "study-full-s0"]
+    assert command[:7] == ["dvc", "--wait-for-lock", "exp", "run", "--queue", "--name", "study-full-s0"]
     assert "realign.centroid=true" in command and "pretrain.source=aligned" in command
     assert "finetune.ross=false" in command and "pretrain.ross=false" in command
     ross = queue_command(next(e for e in grid([0], PROFILE, worlds(stress=())) if e.name == "study-full_ross-s0"))

@@ -127,7 +127,8 @@ def yaml_value(value: object) -> str:
 
 def queue_command(experiment: Experiment) -> list[str]:
     sets = [arg for key, value in experiment.overrides.items() for arg in ("-S", f"{key}={yaml_value(value)}")]
-    return ["dvc", "exp", "run", "--queue", "--name", experiment.name, *sets]
+    # --wait-for-lock: a running experiment's results are being collected now and then, which locks the repository
+    return ["dvc", "--wait-for-lock", "exp", "run", "--queue", "--name", experiment.name, *sets]
 
 
 # ---------------------------------------------------------------- reading the experiments
