@@ -94,8 +94,9 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
         "place (nats/token: what the model reads from the image; 0 = it ignores it); the ranked probes, the share of "
         "images for which the reference caption with the true garment class, colour or shape is more likely than "
         "the same caption naming a seeded other one (rank_*_acc, chance 0.5); the garment class named in the "
-        "generated caption (garment_acc), its CIDEr, POPE F1 and yes-ratio (balanced probes: a model that always "
-        "says yes has yes-ratio 1 and F1 0.667 without reading the image) and VQA exact match.",
+        "generated caption (garment_acc), its CIDEr, POPE accuracy, F1 and yes-ratio (balanced probes: chance "
+        "accuracy is 0.5, and a model that always says yes has yes-ratio 1 and F1 0.667 without reading the image) "
+        "and VQA exact match.",
         "",
         "The paper's numbers (11-benchmark averages after both stages, 2M-text scale) are quoted for the ordering "
         "they claim, not for their scale: " + PAPER_TEXT,

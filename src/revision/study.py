@@ -72,7 +72,7 @@ TABLES = {
     "VoRA, encoder-free (against the encoder with grid tokens)": ("paired_grid", "vora", "vora_nodistill", "vora_causal"),
 }
 DOWNSTREAM = ("caption_nll", "image_gain", "rank_garment_acc", "rank_colour_acc", "rank_shape_acc", "garment_acc",
-              "cider", "pope_f1", "pope_yes_ratio", "vqa_acc")  # fmt: skip
+              "cider", "pope_acc", "pope_f1", "pope_yes_ratio", "vqa_acc")  # fmt: skip
 LOWER_IS_BETTER = {"caption_nll", "centroid_gap"}
 GAP = {  # column -> (section of reports/realign/metrics.json, key) for the aligned text
     "centroid_gap": ("after", "centroid_gap"),
@@ -83,7 +83,7 @@ GAP = {  # column -> (section of reports/realign/metrics.json, key) for the alig
 }
 HEADLINE = (("pretrain", "caption_nll"), ("pretrain", "image_gain"), ("pretrain", "rank_garment_acc"),
             ("finetune", "caption_nll"), ("finetune", "image_gain"), ("finetune", "rank_garment_acc"),
-            ("finetune", "cider"), ("finetune", "vqa_acc"), ("finetune", "pope_f1"))  # fmt: skip
+            ("finetune", "cider"), ("finetune", "vqa_acc"), ("finetune", "pope_acc"), ("finetune", "pope_f1"))  # fmt: skip
 EVALUATION = EVALUATE_METRICS.as_posix()  # the keys of `dvc exp show --json` metrics
 NAME = re.compile(rf"^study-(?:(?P<world>{'|'.join(WORLDS)})-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
 
