@@ -58,10 +58,9 @@ def _world_tables(world: str, groups: dict, suffix: str) -> list[str]:
 def _world_title(world: str, results: list[Result]) -> str:
     if not world:
         return ""
-    setting = WORLDS[world][0]
+    setting, _, what = WORLDS[world]
     section, key = setting.split(".")
     values = {r.params.get(section, {}).get(key) for r in results if r.world == world}
-    what = {"stress": "under the gap stress", "existence": "with existence questions in SFT"}[world]
     return f", {what} ({setting} = {', '.join(str(v) for v in sorted(values, key=str)) or '?'})"
 
 

@@ -49,8 +49,11 @@ REFERENCE = {"paired_ross": "paired", "full_ross": "full", "paired_grid": "paire
 VORA_DEFAULTS = {"vora.distill_weight": 1.0, "vora.attention": "bidirectional"}
 STRESS_CONDITIONS = ("raw", "anchor", "anchor_trace", "full")
 EXISTENCE_CONDITIONS = ("paired_grid", "paired_grid_ross", "full", "full_ross", "vora", "vora_nodistill", "vora_causal")
-# world -> the setting it turns on, and that setting's value in every other world
-WORLDS = {"stress": ("embed.stress_shift", 0.0), "existence": ("prepare.existence_questions", 0)}
+# world -> the setting it turns on, that setting's value in every other world, and what the report calls it
+WORLDS = {
+    "stress": ("embed.stress_shift", 0.0, "under the gap stress"),
+    "existence": ("prepare.existence_questions", 0, "with existence questions in SFT"),
+}
 LABELS = {
     "none": "no stage 1", "paired": "paired images (LLaVA-style)", "raw": "raw text (no alignment)",
     "mean_shift": "mean shift (Unicorn)", "c3": "C3", "anchor": "ReAlign anchor only",
@@ -112,7 +115,7 @@ def grid(seeds: Sequence[int], profile: dict[str, object], worlds: Sequence[Worl
     experiments = []
     for seed in seeds:
         for world in worlds:
-            settings = {key: world.setting if name == world.name else off for name, (key, off) in WORLDS.items()}
+            settings = {key: world.setting if name == world.name else off for name, (key, off, _) in WORLDS.items()}
             for condition in world.conditions:
                 overrides = {**profile, **defaults, **CONDITIONS[condition], **settings}
                 overrides.update({"model.seed": seed, "pretrain.seed": seed, "finetune.seed": seed})
@@ -127,7 +130,7 @@ def yaml_value(value: object) -> str:
 
 def queue_command(experiment: Experiment) -> list[str]:
     sets = [arg for key, value in experiment.overrides.items() for arg in ("-S", f"{key}={yaml_value(value)}")]
-    # --wait-for-lock: a running experiment's results are being collected now and then, which locks the repository
+    # --wait-for-lock: a queue that is running (an earlier `revision study`) holds the repository lock until it ends
     return ["dvc", "--wait-for-lock", "exp", "run", "--queue", "--name", experiment.name, *sets]
 
 
