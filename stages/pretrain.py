@@ -20,7 +20,8 @@ HELP = (
     "the input: aligned (ReVision), raw text embeddings, paired real images + captions, or none. With "
     "pretrain.ross (paired only) Ross's denoiser reconstructs each image from the LM's states at the visual tokens. "
     "With model.visual_input: pixels (VoRA) the image patches enter the LM, whose vision LoRA learns with the "
-    "projector (the patch embedding), distilled from the vora teacher's blocks."
+    "projector (the patch embedding), distilled from the vora teacher's blocks; vora.text_share mixes in text-only "
+    "samples (LM loss only)."
     "\n\nParams read (params.yaml):\n\n" + describe(PretrainConfig, "pretrain") + "\n\n"
     + describe(ModelConfig, "model") + "\n\n" + describe(RossConfig, "ross") + "\n\n" + describe(VoraConfig, "vora")
 )
@@ -46,7 +47,7 @@ def main(
     from revision.patches import pixel_identity
     from revision.ross import attach_ross
     from revision.train import StageOutputs, make_accelerator, train_and_save
-    from revision.training_data import GRID_SOURCES, stage1_samples
+    from revision.training_data import GRID_SOURCES, stage1_samples, with_text_only
     from revision.vora import VoraMLLM, add_vision_lora
 
     cfg: PretrainConfig = load_stage_config(NAME, params)
@@ -72,6 +73,8 @@ def main(
     if vora_cfg and vectors.encoder != pixel_identity(vora_cfg.image_size):
         raise InputError(f"{vectors.dir}: holds {vectors.encoder.get('name')}, vora.image_size asks for "
                          f"{pixel_identity(vora_cfg.image_size)['name']}; re-run `revision grid`")  # fmt: skip
+    if vora_cfg and vora_cfg.text_share and samples is not None:
+        samples = with_text_only(samples, prepared, vora_cfg.text_share, cfg.seed)
     cell_dim = vectors.dim // vectors.tokens
 
     def build():

@@ -7,6 +7,7 @@ import torch
 
 from revision.attention import additive_mask, attention_allowed, positions
 from revision.config import ModelConfig, VoraConfig
+from revision.errors import InputError
 from revision.mllm import load_mllm, new_mllm
 from revision.patches import PixelRows, pixel_identity
 from revision.vora import PROJECTIONS, VoraMLLM, add_vision_lora
@@ -16,7 +17,7 @@ SIZE, PATCH = 16, 8  # 4 image tokens
 
 def vora_cfg(**changes) -> VoraConfig:
     values = dict(image_size=SIZE, patch=PATCH, lora_r=4, lora_alpha=4, blocks=1, teacher="tiny", teacher_size=32,
-                  distill_weight=1.0, distill_offset=0, attention="bidirectional", finetune_lm=True)  # fmt: skip
+                  distill_weight=1.0, distill_offset=0, attention="bidirectional", finetune_lm=True, text_share=0.0)  # fmt: skip
     return VoraConfig(**{**values, **changes})
 
 
@@ -117,6 +118,56 @@ def test_distillation_learns_and_its_gradient_reaches_lora_and_patches_never_the
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
 
 
+def _text_only(n: int) -> list:
+    texts = ["a grey disc on the left", "a pair of trousers"]
+    return [[{"from": "human", "value": "Write a short caption for a picture."}, {"from": "gpt", "value": texts[i % 2]}]
+            for i in range(n)]  # fmt: skip
+
+
+def test_text_only_samples_have_the_lm_loss_only_and_never_read_their_pixels(tiny_lm_dir):
+    model = VoraMLLM(pixels_model(tiny_lm_dir, vora_cfg()), vora_cfg())
+    pixels, conversations, has_image = images(4), captions(2) + _text_only(2), torch.tensor([True, True, False, False])
+    mixed = model(pixels, conversations, has_image)
+    images_only = model(pixels[:2], conversations[:2])
+    for name in ["distill_loss", "distill_block1", "distill_block2"]:  # distillation: the image samples alone
+        assert torch.allclose(mixed[name], images_only[name], atol=1e-6), name
+    text_lm = model.mllm.loss_and_states(pixels[2:], conversations[2:], has_image[2:])[0]
+    other = model.mllm.loss_and_states(images(2, seed=9), conversations[2:], has_image[2:])[0]
+    assert torch.equal(text_lm, other)  # a text-only sample's pixels are never read
+    assert not torch.allclose(mixed["lm_loss"], images_only["lm_loss"])  # but its answer is in the LM loss
+    text_batch = model(pixels[2:], conversations[2:], has_image[2:])
+    assert text_batch["distill_loss"].item() == 0
+    model.zero_grad()
+    text_batch["loss"].backward()
+    assert model.mllm.projector.conv.weight.grad is None or not model.mllm.projector.conv.weight.grad.any()
+    lora_b = [p.grad for n, p in model.mllm.lm.named_parameters() if "lora_B" in n]  # B starts at zero, A does not
+    assert any(grad is not None and grad.any() for grad in lora_b)  # text trains the vision LoRA too (as the authors')
+    with pytest.raises(InputError, match="without an image needs no"):
+        model(pixels[:1], captions(1), torch.tensor([False]))
+    with pytest.raises(InputError, match="with an image needs exactly one"):
+        model(pixels[:1], _text_only(1), torch.tensor([True]))
+
+
+def test_the_text_share_adds_corpus_texts_flagged_text_only(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from revision.layout import TEXT_CORPUS
+    from revision.training_data import EmbeddingConversations, with_text_only
+
+    corpus = pd.DataFrame({"id": [f"t{i}" for i in range(5)], "text": [f"corpus text {i}" for i in range(5)]})
+    corpus.to_parquet(tmp_path / TEXT_CORPUS.file)
+    paired = EmbeddingConversations(np.ones((6, 12), np.float32), captions(6))
+    mixed = with_text_only(paired, tmp_path, 0.25, seed=0)
+    assert len(mixed) == 8 and mixed.targets.tolist() == [True] * 6 + [False] * 2
+    assert mixed.conversations[:6] == paired.conversations
+    assert {c[1]["value"] for c in mixed.conversations[6:]} <= set(corpus["text"])
+    assert not any("<image>" in c[0]["value"] for c in mixed.conversations[6:])
+    assert not mixed.vectors[6:].any() and mixed.digest() != with_text_only(paired, tmp_path, 0.25, seed=1).digest()
+    with pytest.raises(InputError, match=rf"{TEXT_CORPUS.file}: a text share of 0.5 next to 6 image samples needs 6"):
+        with_text_only(paired, tmp_path, 0.5, seed=0)
+
+
 def test_merged_checkpoint_gives_the_logits_of_the_unmerged_model(tiny_lm_dir, tmp_path):
     model = VoraMLLM(pixels_model(tiny_lm_dir, vora_cfg()), vora_cfg())
     pixels, conversations = images(4), captions(4)
@@ -198,7 +249,7 @@ def test_vora_trains_both_stages_and_evaluates_and_chats_from_pixels(tiny_repo, 
 
     from revision.embedding_sets import EmbeddingSet
 
-    params = _pixels_params(tiny_repo, tmp_path, finetune_lm=False)
+    params = _pixels_params(tiny_repo, tmp_path, finetune_lm=False, text_share=0.25)
     pixels = str(tmp_path / "pixels")
     made = _invoke(tiny_repo, "grid", "--params", params, "--out", pixels, "--metrics", str(tmp_path / "g.json"))
     assert made.exit_code == 0, made.output[-2000:]
@@ -213,6 +264,11 @@ def test_vora_trains_both_stages_and_evaluates_and_chats_from_pixels(tiny_repo, 
     stage1 = _invoke(tiny_repo, "pretrain", *common, "--out", str(tmp_path / "pre"), "--checkpoints", str(tmp_path / "c1"),
                      "--metrics", str(tmp_path / "p.json"), "--loss-plot", str(tmp_path / "p.csv"))  # fmt: skip
     assert stage1.exit_code == 0, stage1.output[-2000:]
+    from revision.config import load_stage_config
+
+    pairs = len(pd.read_parquet(prepared / "pretrain_pairs.parquet"))
+    pairs = min(pairs, load_stage_config("pretrain", params).max_samples or pairs)
+    assert json.loads((tmp_path / "p.json").read_text())["samples"] == pairs + round(pairs * 0.25 / 0.75)  # + texts
     curve = pd.read_csv(tmp_path / "p.csv")
     assert {"lm_loss", "distill_loss", "distill_block1", "distill_block2"} <= set(curve.columns)
     assert curve["distill_loss"].iloc[-3:].mean() < curve["distill_loss"].iloc[:3].mean()

@@ -78,6 +78,11 @@ CAPTION_PROMPTS = [
     "Write a short caption for this image.",
     "What do you see?",
 ]
+TEXT_ONLY_PROMPTS = [  # VoRA's text-only stage-1 samples: no image to describe, so the request names none
+    "Write a short caption for a picture.",
+    "Describe a simple picture in one sentence.",
+    "Give an example of an image caption.",
+]
 GARMENT_QUESTION = "What kind of clothing item is this?"
 
 

@@ -229,6 +229,10 @@ class VoraConfig(Strict):
         description="stage 2 trains the LM as the finetune block says (LoRA or fully) besides the patch "
         "embedding; false: the patch embedding only (the authors' last code)"
     )
+    text_share: float = Field(
+        ge=0, lt=1, description="share of stage 1's samples that are text only (the unpaired text corpus, a caption "
+        "request without an image): LM loss only, against forgetting; 0: images only"
+    )
 
     @model_validator(mode="after")
     def _patches_tile_the_image(self):

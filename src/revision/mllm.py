@@ -110,7 +110,7 @@ class MLLMBatch:
     attention_mask: torch.Tensor  # (B, T), 0 on padding
     labels: torch.Tensor  # (B, T), IGNORE_INDEX except assistant answers
     input_ids: torch.Tensor  # (B, T), IMAGE_SLOT_ID at visual positions, pad id on padding
-    image_start: list[int]  # index of each sample's first visual position
+    image_start: list[int]  # index of each sample's first visual position (-1: a text-only sample)
 
 
 @dataclass
@@ -147,18 +147,21 @@ class MLLM(nn.Module):
         return loss, self.at_visual_positions(batch, states[-1])
 
     def loss_and_states(
-        self, embeddings: torch.Tensor, conversations: Sequence[Conversation]
+        self, embeddings: torch.Tensor, conversations: Sequence[Conversation], has_image: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MLLMBatch, tuple[torch.Tensor, ...]]:
-        """``forward``'s loss, the batch, and the LM's hidden states (index 0: its input, i: after i layers)."""
-        batch = self.build_inputs(embeddings, conversations)
+        """``forward``'s loss, the batch, and the LM's hidden states (index 0: its input, i: after i layers).
+        ``has_image`` (bool per sample, default all true): a false sample is text only, its embedding unused."""
+        batch = self.build_inputs(embeddings, conversations, has_image)
         logits, targets, _, output = self._answer_logits(batch, output_hidden_states=True)
         return nn.functional.cross_entropy(logits.float(), targets), batch, output.hidden_states
 
-    def at_visual_positions(self, batch: MLLMBatch, states: torch.Tensor) -> torch.Tensor:
-        """``states`` [B, T, ...] at each sample's visual positions: [B, visual_tokens, ...]."""
-        start = torch.tensor(batch.image_start, device=states.device)[:, None]
+    def at_visual_positions(self, batch: MLLMBatch, states: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """``states`` [B, T, ...] at the visual positions of each sample (of ``rows``, the samples with an image,
+        when some have none): [B or len(rows), visual_tokens, ...]."""
+        rows = list(range(states.shape[0])) if rows is None else list(rows)
+        start = torch.tensor([batch.image_start[row] for row in rows], device=states.device, dtype=torch.long)[:, None]
         visual = start + torch.arange(self.config.visual_tokens, device=states.device)
-        return states[torch.arange(states.shape[0], device=states.device)[:, None], visual]
+        return states[torch.tensor(rows, device=states.device, dtype=torch.long)[:, None], visual]
 
     def logits(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> torch.Tensor:
         batch = self.build_inputs(embeddings, conversations)
@@ -187,12 +190,15 @@ class MLLM(nn.Module):
         turns = [{"from": "human", "value": self._question_with_image(question)}]
         return turns + [{"from": "gpt", "value": answer}] if answer is not None else turns
 
-    def build_inputs(self, embeddings: torch.Tensor, conversations: Sequence[Conversation]) -> MLLMBatch:
+    def build_inputs(
+        self, embeddings: torch.Tensor, conversations: Sequence[Conversation], has_image: torch.Tensor | None = None
+    ) -> MLLMBatch:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(conversations):
             shape = tuple(embeddings.shape)
             raise InputError(f"need one embedding per conversation, got {shape} for {len(conversations)}")
         prefixes = self._project(embeddings)
-        samples = [self._pieces(_as_messages(conv, self.config)) for conv in conversations]
+        images = [True] * len(conversations) if has_image is None else [bool(flag) for flag in has_image]
+        samples = [self._pieces(_as_messages(conv, self.config), image=image) for conv, image in zip(conversations, images)]
         return self._collate(samples, prefixes, pad_left=False)
 
     @torch.no_grad()
@@ -259,7 +265,8 @@ class MLLM(nn.Module):
             logits = logits[predicts.to(logits.device)]
         return logits, batch.labels[:, 1:][predicts[:, :-1]].to(logits.device), predicts.nonzero()[:, 0], output
 
-    def _pieces(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[_Piece]:
+    def _pieces(self, messages: list[dict[str, str]], generation_prompt: bool = False, image: bool = True) -> list[_Piece]:
+        """The conversation's runs; it must hold one placeholder (none when it is text only: ``image`` false)."""
         pieces: list[_Piece] = []
         for text, is_answer in _segments(self.tokenizer, messages, generation_prompt):
             if is_answer:
@@ -269,8 +276,10 @@ class MLLM(nn.Module):
             pieces.append(_Piece(self._encode(before)))
             for rest in after:
                 pieces += [_Piece([], is_image=True), _Piece(self._encode(rest))]
-        if sum(piece.is_image for piece in pieces) != 1:
-            raise InputError(f"a conversation needs exactly one {self.config.image_token!r} placeholder: {messages}")
+        if sum(piece.is_image for piece in pieces) != image:
+            wanted = "exactly one" if image else "no"
+            raise InputError(f"a conversation {'with' if image else 'without'} an image needs {wanted} "
+                             f"{self.config.image_token!r} placeholder: {messages}")  # fmt: skip
         return pieces
 
     def _encode(self, text: str) -> list[int]:
@@ -291,14 +300,15 @@ class MLLM(nn.Module):
             span = slice(offset, offset + embeds.shape[0])
             inputs_embeds[i, span], attention_mask[i, span] = embeds, 1
             labels[i, span], input_ids[i, span] = row_labels, ids
-            image_start.append(offset + start)
+            image_start.append(offset + start if start >= 0 else -1)
         return MLLMBatch(inputs_embeds, attention_mask, labels, input_ids, image_start)
 
     def _sample_row(
         self, pieces: list[_Piece], prefix: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """(embeddings, ids with IMAGE_SLOT_ID at visual positions, labels, image start) of one sample."""
-        ids, labels, parts, image_start = [], [], [], 0
+        """(embeddings, ids with IMAGE_SLOT_ID at visual positions, labels, image start: -1 without one) of one
+        sample."""
+        ids, labels, parts, image_start = [], [], [], -1
         embed_tokens = self.lm.get_input_embeddings()
         for piece in pieces:
             if piece.is_image:

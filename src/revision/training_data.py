@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from revision.captions import CAPTION_PROMPTS
+from revision.captions import CAPTION_PROMPTS, TEXT_ONLY_PROMPTS
 from revision.embedding_sets import EmbeddingSet
 from revision.errors import InputError
 from revision.layout import (
@@ -134,6 +134,28 @@ def stage1_samples(
         return None, vectors
     table = read_manifest(prepared, manifest)
     return caption_samples(vectors, table, column, prepared / manifest.file, max_samples, seed), vectors
+
+
+def with_text_only(samples: EmbeddingConversations, prepared: Path, share: float, seed: int) -> EmbeddingConversations:
+    """VoRA's stage-1 mix: ``samples`` (each with an image) and text-only ones from the unpaired text corpus,
+    ``share`` of the whole. A text-only sample is a caption request without a placeholder answered by a corpus
+    text, with zero pixels the model never reads; every sample carries its has-image flag as its target."""
+    table = read_manifest(prepared, TEXT_CORPUS, needs=("text",))
+    wanted = round(len(samples) * share / (1 - share))
+    if wanted > len(table):
+        raise InputError(f"{prepared / TEXT_CORPUS.file}: a text share of {share} next to {len(samples)} image samples "
+                         f"needs {wanted} texts; the corpus has {len(table)}")  # fmt: skip
+    texts = table["text"].iloc[subsample(len(table), wanted, seed)]
+    rng = random.Random(seed)
+    conversations = [
+        [{"from": "human", "value": rng.choice(TEXT_ONLY_PROMPTS)}, {"from": "gpt", "value": text}] for text in texts
+    ]
+    vectors = samples.vectors.numpy()
+    mixed = EmbeddingConversations(
+        np.concatenate([vectors, np.zeros((wanted, vectors.shape[1]), np.float32)]), samples.conversations + conversations
+    )
+    mixed.targets = torch.arange(len(mixed)) < len(samples)
+    return mixed
 
 
 def sft_samples(images: EmbeddingSet, prepared: Path, max_samples: int | None, seed: int) -> EmbeddingConversations:

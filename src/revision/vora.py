@@ -96,15 +96,21 @@ class VoraMLLM(nn.Module):
             nn.Sequential(nn.RMSNorm(hidden, eps=1e-6), nn.Linear(hidden, width)) for width in self.teacher.widths
         ).to(mllm.device)
 
-    def forward(self, pixels: torch.Tensor, conversations: list) -> dict[str, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, conversations: list, has_image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``has_image`` (bool per sample): false marks a text-only sample, which has the LM loss only."""
         mllm = self.mllm
-        lm_loss, batch, states = mllm.loss_and_states(pixels, conversations)
+        lm_loss, batch, states = mllm.loss_and_states(pixels, conversations, has_image)
         if self.teacher is None:
             return {"loss": lm_loss}
+        rows = [row for row, start in enumerate(batch.image_start) if start >= 0]
+        if not rows:  # a batch of text only: no distillation, and every head still in the graph for DDP
+            distill = sum(p.sum() for p in self.heads.parameters()) * 0.0
+            blocks = {f"distill_block{j + 1}": distill for j in range(len(self.heads))}
+            return {"loss": lm_loss + distill, "lm_loss": lm_loss, "distill_loss": distill, **blocks}
         side = mllm.projector.image_size
-        teacher = self.teacher(pixels.to(mllm.device).view(-1, CHANNELS, side, side))
+        teacher = self.teacher(pixels[rows].to(mllm.device).view(-1, CHANNELS, side, side))
         per_block = [
-            self.block_loss(head, mllm.at_visual_positions(batch, states[j + self.cfg.distill_offset]), target)
+            self.block_loss(head, mllm.at_visual_positions(batch, states[j + self.cfg.distill_offset], rows), target)
             for j, (head, target) in enumerate(zip(self.heads, teacher))
         ]
         distill = torch.stack(per_block).mean()
