@@ -37,7 +37,7 @@ from revision.layout import (
 class EmbeddingConversations(Dataset):
     """(embedding, conversation) samples; ``images`` are the (manifest row, path) of each sample's image where it
     has one (stage-1 text has none), and ``targets`` optional per-sample tensors every item then carries too
-    (Ross's target tokens)."""
+    (Ross's target tokens, or VoRA's has-image flags)."""
 
     def __init__(
         self, vectors: np.ndarray, conversations: list[list[dict[str, str]]],

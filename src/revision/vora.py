@@ -103,16 +103,15 @@ class VoraMLLM(nn.Module):
         if self.teacher is None:
             return {"loss": lm_loss}
         rows = [row for row, start in enumerate(batch.image_start) if start >= 0]
-        if not rows:  # a batch of text only: no distillation, and every head still in the graph for DDP
-            distill = sum(p.sum() for p in self.heads.parameters()) * 0.0
-            blocks = {f"distill_block{j + 1}": distill for j in range(len(self.heads))}
-            return {"loss": lm_loss + distill, "lm_loss": lm_loss, "distill_loss": distill, **blocks}
-        side = mllm.projector.image_size
-        teacher = self.teacher(pixels[rows].to(mllm.device).view(-1, CHANNELS, side, side))
-        per_block = [
-            self.block_loss(head, mllm.at_visual_positions(batch, states[j + self.cfg.distill_offset], rows), target)
-            for j, (head, target) in enumerate(zip(self.heads, teacher))
-        ]
+        if rows:
+            side = mllm.projector.image_size
+            teacher = self.teacher(pixels[rows].to(mllm.device).view(-1, CHANNELS, side, side))
+            per_block = [
+                self.block_loss(head, mllm.at_visual_positions(batch, states[j + self.cfg.distill_offset], rows), target)
+                for j, (head, target) in enumerate(zip(self.heads, teacher))
+            ]
+        else:  # a batch of text only: nothing to distil, but every head stays in the graph (DDP expects its grads)
+            per_block = [sum(p.sum() for p in head.parameters()) * 0.0 for head in self.heads]
         distill = torch.stack(per_block).mean()
         blocks = {f"distill_block{j + 1}": loss for j, loss in enumerate(per_block)}
         return {"loss": lm_loss + self.cfg.distill_weight * distill, "lm_loss": lm_loss, "distill_loss": distill, **blocks}
