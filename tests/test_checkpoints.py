@@ -113,6 +113,20 @@ def test_a_relative_base_is_found_beside_the_checkpoint(tiny_lm_dir, tmp_path, m
     torch.testing.assert_close(logits(load_mllm(repo / "data" / "pretrain")), expected, rtol=0, atol=0)
 
 
+def test_the_base_beside_the_checkpoint_wins_over_one_in_the_working_directory(tiny_lm_dir, tmp_path, monkeypatch):
+    repo, other = tmp_path / "repo", tmp_path / "other"
+    shutil.copytree(tiny_lm_dir, repo / "data" / "lm")
+    weights = Path(shutil.copytree(tiny_lm_dir, other / "data" / "lm")) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 0xFF]))  # another LM
+    monkeypatch.chdir(repo)
+    model = freeze_lm(tiny_mllm(Path("data/lm"), EMBED_DIM, visual_tokens=2, encoder=ENCODER))
+    model.config.base_lm = lm_identity(Path("data/lm"))
+    expected = logits(model)
+    save_mllm(model, Path("data/pretrain"))
+    monkeypatch.chdir(other)  # e.g. the tests' own checkouts read from a project folder that has run `make repro`
+    torch.testing.assert_close(logits(load_mllm(repo / "data" / "pretrain")), expected, rtol=0, atol=0)
+
+
 def test_export_is_self_contained(base, tmp_path):
     model = add_lora(built_on(base), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
     with torch.no_grad():

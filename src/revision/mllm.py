@@ -496,7 +496,7 @@ def _base_lm_folder(checkpoint: Path, base: dict | None) -> Path:
     if not base:
         raise InputError(f"{checkpoint}: has neither {LM_DIR}/ nor a recorded base LM in {CONFIG_FILE}")
     folder = Path(base["path"])
-    if not folder.is_absolute() and not folder.is_dir():  # data/lm as a stage saw it, read from elsewhere
+    if not folder.is_absolute():  # data/lm as a stage saw it: that of the checkout holding the checkpoint first
         folder = next((root / folder for root in checkpoint.resolve().parents if (root / folder).is_dir()), folder)
     if not folder.is_dir():
         raise InputError(f"{checkpoint}: its base LM {folder} is missing; run `revision lm` (or `dvc pull`) to "
