@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from revision.embed import EmbedJob, embed_job
+from revision.embedding_jobs import EmbedJob, embed_job
 from revision.encoders import load_encoder
 from revision.images import read_image
 

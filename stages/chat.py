@@ -25,11 +25,11 @@ def main(
     encoder_dir: Path = typer.Option(layout.ENCODER, help="the encoder the checkpoint was trained on (not read for VoRA)"),
     max_new_tokens: int = typer.Option(48, help="longest answer in tokens"),
 ) -> None:
-    from revision.grid import image_reader
+    from revision.checkpoints import load_mllm
     from revision.images import read_image
-    from revision.mllm import load_mllm
 
     model = load_mllm(checkpoint)
-    reader = image_reader(model.config, encoder_dir, f"{checkpoint} (trained)", "pass the matching --encoder-dir")
-    embedding = reader.encode_images([read_image(image, str(image))])[0]
-    typer.echo(model.generate(embedding, question, max_new_tokens=max_new_tokens).strip())
+    fix = "pass the matching --encoder-dir"
+    reader = model.config.visual.reader(encoder_dir, model.config.encoder, f"{checkpoint} (trained)", fix)
+    vectors = reader.encode_images([read_image(image, str(image))])
+    typer.echo(model.generate(vectors, [question], max_new_tokens=max_new_tokens)[0])

@@ -38,7 +38,7 @@ def clean_errors(fn):
 
 
 STAGES = (
-    "prepare", "encoder", "embed", "grid", "realign", "lm", "pretrain", "finetune", "evaluate", "chat", "export", "lmms_task",
+    "prepare", "encoder", "embed", "visual", "realign", "lm", "pretrain", "finetune", "evaluate", "chat", "export", "lmms_task",
     "study",
 )  # fmt: skip
 

@@ -31,7 +31,7 @@ def main(
 ) -> None:
     from accelerate import Accelerator
 
-    from revision.embed import embed_jobs, jobs_from_manifests
+    from revision.embedding_jobs import embed_jobs, jobs_from_manifests
     from revision.encoders import load_encoder
 
     cfg: EmbedConfig = load_stage_config(NAME, params)

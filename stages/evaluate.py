@@ -62,7 +62,7 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'evaluate' block"),
     prepared: Path = typer.Option(layout.PREPARED, help="manifests (eval.parquet)"),
     embeddings: Path = typer.Option(layout.EMBEDDINGS, help="embedding sets (eval_images)"),
-    grids: Path = typer.Option(layout.GRID, help="grid features (eval_images) for grid models"),
+    visual: Path = typer.Option(layout.VISUAL, help="grid features or pixels (eval_images) for grid or pixels models"),
     checkpoints: list[Path] = typer.Option(
         [layout.PRETRAIN, layout.FINETUNE],
         help="MLLM folders to score, each named by its folder name (repeat the option for several)",
@@ -76,15 +76,14 @@ def main(
 ) -> None:
     import torch
 
+    from revision.checkpoints import checkpoint_config, load_mllm
     from revision.evaluate import CaptionScorer, check_checkpoint_encoder, evaluate_model, load_eval_set
-    from revision.grid import visual_set
-    from revision.mllm import checkpoint_config, load_mllm
 
     cfg: EvaluateConfig = load_stage_config(NAME, params)
     names = checkpoint_names(checkpoints)
     by_input, eval_sets = {}, []  # the same images and questions, as pooled embeddings or grid features
     for checkpoint in checkpoints:
-        images = visual_set(embeddings, grids, layout.EVAL_IMAGES.name, checkpoint_config(checkpoint))
+        images = checkpoint_config(checkpoint).visual.rows(embeddings, visual, layout.EVAL_IMAGES.name)
         check_checkpoint_encoder(checkpoint, images)
         if images.dir not in by_input:
             by_input[images.dir] = load_eval_set(prepared, images, cfg)

@@ -22,7 +22,7 @@ def main(
     checkpoint: Path = typer.Option(layout.FINETUNE, help="the checkpoint to export"),
     out: Path = typer.Option(..., help="output folder (replaced atomically)"),
 ) -> None:
-    from revision.mllm import export_mllm
+    from revision.checkpoints import export_mllm
 
     with atomic_dir(out) as tmp:
         export_mllm(checkpoint, tmp)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -19,6 +18,11 @@ if TYPE_CHECKING:  # imported where used: `revision --help` stays fast
 
 NAME = "realign"
 PIPELINE_SETS = (layout.TEXT, layout.IMAGE_POOL_IMAGES, layout.EVAL_TEXT, layout.EVAL_IMAGES)
+# A standalone run's settings where --params has no realign block (a run on the user's own files, outside the
+# project): the paper's full ReAlign recipe in 1024-row chunks. Not a pipeline param: the pipeline mode reads
+# params.yaml only, and the realign block of --params, where there is one, overrides these.
+STANDALONE = {"method": "realign", "anchor": True, "trace": True, "centroid": True, "noise_std": 0.1, "seed": 0,
+              "shrinkage": 0.1, "chunk_rows": 1024}
 HELP = (
     "Fit ReAlign (or an alternative: none, mean_shift, c3, block_cov) on unpaired text and image embeddings "
     "and write the aligned text embeddings, the fitted stats and a modality-gap report.\n\n"
@@ -28,8 +32,10 @@ HELP = (
     "Standalone: --text-embeddings T --image-embeddings I --output-dir D fits on your own files (.npy, "
     ".safetensors, .parquet or an embedding directory) and writes D/aligned_text.npy (same row order) and "
     "D/stats.json. --apply D/stats.json --text-embeddings T2 --output-dir D2 applies fitted stats to new text "
-    "without refitting. Standalone settings: the full ReAlign recipe in 1024-row chunks, overridden by the "
-    "realign block of --params if there is one, then by the options.\n\nParams read (params.yaml):\n\n" + describe(RealignConfig, "realign")
+    "without refitting. Standalone settings (the full ReAlign recipe): "
+    + ", ".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in STANDALONE.items())
+    + "; overridden by the realign block of --params if there is one, then by the options.\n\nParams read "
+    "(params.yaml):\n\n" + describe(RealignConfig, "realign")
 )
 
 
@@ -81,13 +87,13 @@ def main(
 
 
 def standalone_config(params: Path, overrides: dict) -> tuple[Recipe, int]:
-    """The recipe and chunk size of a standalone run: the full ReAlign recipe (``Recipe()``) and 1024-row
-    chunks, overridden by the params file's realign block where it has one, then by the command line."""
+    """The recipe and chunk size of a standalone run: ``STANDALONE``, overridden by the params file's realign
+    block where it has one, then by the command line."""
     from pydantic import ValidationError, create_model
 
-    from revision.realign import Recipe, recipe_from
+    from revision.realign import recipe_from
 
-    settings = {**asdict(Recipe()), "chunk_rows": 1024}
+    settings = dict(STANDALONE)
     block = read_params(params).get(NAME) if params.exists() else None
     settings.update(block or {})
     fields = {name: (field.annotation, field) for name, field in RealignConfig.model_fields.items() if name in settings}
@@ -103,7 +109,7 @@ def standalone_config(params: Path, overrides: dict) -> tuple[Recipe, int]:
 
 
 def run_pipeline(params: Path, embeddings: Path, prepared: Path, out: Path, reports: Path) -> None:
-    from revision.embedding_files import ProjectSetSource
+    from revision.embedding_streams import ProjectSetSource
     from revision.gap import check_paired, flat_metrics, json_safe, layout_report_inputs, realign_report
     from revision.realign import align_to_embedding_set, check_encoders, fit, recipe_from, save_stats
 

@@ -1,4 +1,5 @@
-"""``revision study``: the ablation grid as queued DVC experiments, then reports/ablation.md from them."""
+"""``revision study``: the ablation study's experiments (conditions × seeds) as queued DVC experiments, then
+reports/ablation.md from them."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
-import yaml
 
-from revision.config import flatten
+from revision.config import StudyConfig, describe, flatten, read_params
 from revision.errors import InputError
 from revision.outputs import write_json
-from revision.study import CONDITIONS, EXISTENCE_CONDITIONS, STRESS_CONDITIONS, World, grid, queue_command
+from revision.study import CONDITIONS, EXISTENCE_CONDITIONS, STRESS_CONDITIONS, World, queue_command, study_experiments
 from revision.tracking import create_store
 
 NAME = "study"
@@ -27,39 +28,43 @@ HELP = (
     "(prepare.existence_questions), all with the sizes of "
     "profiles/study.yaml; run the queue (`dvc exp run --run-all`), then write reports/ablation.md from "
     "`dvc exp show --json`. MLflow runs of all experiments go to one store (MLFLOW_TRACKING_URI, by default "
-    "this folder's mlflow.db). Not a DVC stage: it drives DVC."
+    "this folder's mlflow.db). Not a DVC stage: it drives DVC.\n\nSettings read (the study block of --profile; "
+    "the options of the same names override them):\n\n" + describe(StudyConfig, "study")
 )
 
 
 def main(
-    seeds: int = typer.Option(3, min=1, help="seeds per condition (model, pretrain and finetune seed 0..N-1)"),
-    stress_shift: float = typer.Option(0.8, min=0.0, help="embed.stress_shift of the stress world (0: no stress world)"),
-    profile: Path = typer.Option(Path("profiles/study.yaml"), help="sizes every experiment runs with"),
+    seeds: Optional[int] = typer.Option(None, min=1, help="override of study.seeds"),
+    stress_shift: Optional[float] = typer.Option(None, min=0.0, help="override of study.stress_shift"),
+    profile: Path = typer.Option(
+        Path("profiles/study.yaml"), help="the study's settings (its study block) and the sizes every experiment runs with (the others)"
+    ),
     conditions: str = typer.Option(",".join(CONDITIONS), help="conditions of the plain world, comma-separated"),
     stress_conditions: str = typer.Option(",".join(STRESS_CONDITIONS), help="conditions of the stress world"),
-    existence_questions: int = typer.Option(1, min=0, help="prepare.existence_questions of the existence world (0: no existence world)"),
+    existence_questions: Optional[int] = typer.Option(None, min=0, help="override of study.existence_questions"),
     existence_conditions: str = typer.Option(",".join(EXISTENCE_CONDITIONS), help="conditions of the existence world"),
-    jobs: int = typer.Option(1, min=1, help="experiments run at once (each uses every core it can get)"),
+    jobs: Optional[int] = typer.Option(None, min=1, help="override of study.jobs"),
     skip_done: bool = typer.Option(
-        False, help="leave out the experiments that already have results (--results or `dvc exp show`): go on with a grid run in parts"
+        False, help="leave out the experiments that already have results (--results or `dvc exp show`): go on with a study run in parts"
     ),
     report_only: bool = typer.Option(False, help="only write the report from the experiments there are"),
     report: Path = typer.Option(Path("reports/ablation.md"), help="the generated report"),
     results: Path = typer.Option(
         Path("reports/study_results.json"), help="every study result so far (merged with `dvc exp show`; delete to start over)"
     ),
-    run_record: Path = typer.Option(Path("reports/study_run.json"), help="wall time and size of every grid run"),
+    run_record: Path = typer.Option(Path("reports/study_run.json"), help="wall time and size of every study run"),
 ) -> None:
     failed: list[str] = []
     if not report_only:
         if not profile.is_file():
             raise InputError(f"{profile}: no such study profile")
-        sizes = flatten(yaml.safe_load(profile.read_text()) or {})
+        overrides = {"seeds": seeds, "stress_shift": stress_shift, "existence_questions": existence_questions, "jobs": jobs}
+        cfg, sizes = read_profile(profile, overrides)
         worlds = [World("", 0, tuple(_names(conditions)))]
-        worlds += [World("stress", stress_shift, tuple(_names(stress_conditions)))] if stress_shift else []
-        worlds += [World("existence", existence_questions, tuple(_names(existence_conditions)))] if existence_questions else []
+        worlds += [World("stress", cfg.stress_shift, tuple(_names(stress_conditions)))] if cfg.stress_shift else []
+        worlds += [World("existence", cfg.existence_questions, tuple(_names(existence_conditions)))] if cfg.existence_questions else []
         try:
-            experiments = grid(range(seeds), sizes, worlds)
+            experiments = study_experiments(range(cfg.seeds), sizes, worlds)
         except ValueError as error:
             raise InputError(str(error)) from error
         if skip_done:
@@ -67,7 +72,7 @@ def main(
 
             experiments = pending(experiments, finished_results(results)[0])
         if not experiments:
-            typer.echo("study: every experiment of this grid has results already")
+            typer.echo("study: every experiment asked for has results already")
             write_report(report, run_record, results)
             return
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
@@ -76,13 +81,13 @@ def main(
             subprocess.run(queue_command(experiment), check=True, stdout=subprocess.DEVNULL)
         typer.echo(f"study: queued {len(experiments)} experiments; running them one after another")
         start, started = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S")
-        finished = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)])
+        finished = subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(cfg.jobs)])
         wall = time.perf_counter() - start
         done = {result.name for result in finished_results(results)[0]}
         failed = [experiment.name for experiment in experiments if experiment.name not in done]
         runs = read_runs(run_record) + [{
-            "started": started, "experiments": len(experiments), "seeds": seeds, "stress_shift": stress_shift,
-            "conditions": list(worlds[0].conditions), "existence_questions": existence_questions, "jobs": jobs,
+            "started": started, "experiments": len(experiments), "seeds": cfg.seeds, "stress_shift": cfg.stress_shift,
+            "conditions": list(worlds[0].conditions), "existence_questions": cfg.existence_questions, "jobs": cfg.jobs,
             **{f"{world.name}_conditions": list(world.conditions) for world in worlds[1:]},
             "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode, "without_result": failed,
         }]  # fmt: skip
@@ -94,6 +99,24 @@ def main(
             f"{len(failed)} of {len(experiments)} experiments have no result: {', '.join(failed)}; "
             f"`dvc queue status` and `dvc queue logs <name>` say why, `--skip-done` runs them again"
         )
+
+
+def read_profile(profile: Path, overrides: dict) -> tuple[StudyConfig, dict[str, object]]:
+    """The study's settings (the profile's study block, overridden by the options that are set) and the sizes
+    every experiment runs with (the profile's other blocks, as ``-S`` keys)."""
+    from pydantic import ValidationError
+
+    blocks = read_params(profile)
+    settings = blocks.get(NAME) or {}
+    if not isinstance(settings, dict):
+        raise InputError(f"{profile}: '{NAME}' must be a block of settings")
+    block = {**settings, **{key: value for key, value in overrides.items() if value is not None}}
+    try:
+        cfg = StudyConfig.model_validate(block)
+    except ValidationError as err:
+        problems = "; ".join(f"{NAME}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise InputError(f"{profile}: {problems} (set it in the profile's {NAME} block or pass its option)") from None
+    return cfg, flatten({name: values for name, values in blocks.items() if name != NAME})
 
 
 def read_runs(run_record: Path) -> list[dict]:

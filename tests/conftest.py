@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from revision.tracking import apply_offline_defaults
-from tests.helpers import ROOT, copy_repo, run
+from tests.helpers import ROOT, committed_text, copy_repo, run
 
 apply_offline_defaults()  # offline before any test module imports transformers
 
@@ -38,7 +37,7 @@ def tiny_params(tmp_path) -> Path:
     from revision.config import apply_profile
 
     params = tmp_path / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", params)
+    params.write_text(committed_text("params.yaml"), encoding="utf-8")  # not the experiment last run here
     apply_profile(ROOT / "profiles" / "tiny.yaml", params)
     return params
 

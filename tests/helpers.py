@@ -41,16 +41,41 @@ def lock_outputs(repo: Path) -> dict[str, list]:
     return {stage: sorted((o["path"], o.get("md5")) for o in entry.get("outs", [])) for stage, entry in lock.items()}
 
 
-def copy_repo(dest: Path, profile: str | None = "tiny") -> Path:
-    """Tracked and untracked-not-ignored files into ``dest``, a fresh git repo with one commit."""
-    files = run(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.split()
+# Files an experiment rewrites in the workspace: `dvc exp run -S key=value` (and `dvc exp apply`) leave
+# params.yaml holding the experiment's values, in DVC's own YAML spelling. Tests take them as committed.
+EXPERIMENT_FILES = ("params.yaml",)
+
+
+def committed_text(name: str, root: Path = ROOT) -> str:
+    """``root / name`` as committed at HEAD, so that the experiment a user last ran or applied in the workspace
+    never reaches a test; the file itself where ``root`` is no git checkout or HEAD does not hold it yet."""
+    try:
+        shown = subprocess.run(["git", "show", f"HEAD:./{name}"], cwd=root, capture_output=True, encoding="utf-8")
+    except OSError:  # no git
+        shown = None
+    return shown.stdout if shown is not None and shown.returncode == 0 else (root / name).read_text(encoding="utf-8")
+
+
+def committed_params(root: Path = ROOT) -> dict:
+    """The committed params.yaml (see ``committed_text``), parsed."""
+    return yaml.safe_load(committed_text("params.yaml", root))
+
+
+def copy_repo(dest: Path, profile: str | None = "tiny", source: Path = ROOT) -> Path:
+    """Tracked and untracked-not-ignored files of ``source`` into ``dest``, a fresh git repo with one commit.
+
+    Code comes as it is in the working tree; the ``EXPERIMENT_FILES`` as committed (``committed_text``)."""
+    files = run(["git", "ls-files", "-co", "--exclude-standard"], source).stdout.split()
     for name in files:
-        src = ROOT / name
+        src = source / name
         if src.is_file() and not name.startswith(("reports/", "data/")) and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+            if name in EXPERIMENT_FILES:
+                (dest / name).write_text(committed_text(name, source), encoding="utf-8")
+            else:
+                shutil.copy2(src, dest / name)
     (dest / "data").mkdir(exist_ok=True)
-    template = ROOT / ".dvc" / "plots.html"  # what scripts/install.sh writes (git-ignored)
+    template = source / ".dvc" / "plots.html"  # what scripts/install.sh writes (git-ignored)
     if template.exists():
         shutil.copy2(template, dest / ".dvc" / "plots.html")
     else:
@@ -107,7 +132,8 @@ def tiny_mllm(lm_dir: Path, embed_dim: int, visual_tokens: int, encoder: dict, s
 
     from revision.lm import load_lm
     from revision.mllm import MLLM, MLLMConfig
+    from revision.visual_input import PooledInput
 
     lm, tokenizer = load_lm(lm_dir)
     torch.manual_seed(seed)
-    return MLLM(lm, tokenizer, MLLMConfig(embed_dim=embed_dim, visual_tokens=visual_tokens, encoder=encoder))
+    return MLLM(lm, tokenizer, MLLMConfig(visual=PooledInput(embed_dim, visual_tokens), encoder=encoder))

@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from revision.checkpoints import export_mllm, load_mllm, save_mllm
 from revision.errors import InputError
-from revision.mllm import MLLM, add_lora, export_mllm, freeze_lm, lm_identity, load_mllm, save_mllm
+from revision.lm import lm_identity
+from revision.mllm import MLLM, add_lora, freeze_lm
 from tests.helpers import tiny_mllm
 
 EMBED_DIM = 8
@@ -40,7 +42,7 @@ def built_on(base: Path) -> MLLM:
 def logits(model: MLLM) -> torch.Tensor:
     vectors = F.normalize(torch.randn(2, EMBED_DIM, generator=torch.Generator().manual_seed(0)), dim=-1)
     with torch.no_grad():
-        return model.eval().logits(vectors, CONVERSATIONS)
+        return model.eval()._lm_forward(model.build_inputs(vectors, CONVERSATIONS)).logits
 
 
 def files(folder: Path) -> set[str]:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from revision.config import STAGE_CONFIGS, apply_profile, load_stage_config, normalized_block, read_params
+from revision.config import STAGE_CONFIGS, StudyConfig, apply_profile, load_stage_config, normalized_block, read_params
 from revision.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,13 @@ def _fields(model: type[BaseModel], prefix: str):
 def test_configs_hold_no_default_values(stage):
     with_default = [name for name, field in _fields(STAGE_CONFIGS[stage], stage) if not field.is_required()]
     assert not with_default, f"defaults belong in params.yaml, not config.py: {with_default}"
+
+
+def test_the_study_settings_hold_no_default_values_and_its_profile_sets_them():
+    """`revision study` is no DVC stage: its settings are the study block of profiles/study.yaml."""
+    assert all(field.is_required() for field in StudyConfig.model_fields.values())
+    load_stage_config("study", ROOT / "profiles" / "study.yaml", StudyConfig)
+    assert "study" not in read_params(ROOT / "params.yaml")  # every pipeline run records all of params.yaml
 
 
 @pytest.mark.parametrize("profile", [None, *sorted(p.name for p in (ROOT / "profiles").glob("*.yaml"))])

@@ -3,7 +3,7 @@ that run it.
 
 For every stage whose cmd is `revision <name>` (or `${launch} <name>`), the expected .py deps are the project
 files stages/<name>.py reaches through its imports (read with ast, imports inside functions included), less the
-plumbing that dvc.yaml itself names in its comment line ``# plumbing (no stage lists these): <paths>``.
+plumbing modules ``revision.PLUMBING`` names (the package's module map, ``revision.MODULES``).
 Not followed: imports made by name at run time (importlib), and stages/cli.py, which starts every stage.
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers import ROOT
+import revision
+from tests.helpers import ROOT, committed_params
 
 PACKAGES = {"revision": ROOT / "src" / "revision", "stages": ROOT / "stages"}  # the project's importable code
-PLUMBING = re.compile(r"^#\s*plumbing \(no stage lists these\):(.*)$", re.MULTILINE)
 STAGE_COMMAND = re.compile(r"(?:^|\s)(?:revision|-m stages)\s+([\w-]+)")
 
 
@@ -66,16 +66,15 @@ def relative(paths: set[Path]) -> set[str]:
     return {path.relative_to(ROOT).as_posix() for path in paths}
 
 
-def plumbing(dvc_yaml: str) -> set[str]:
-    lines = PLUMBING.findall(dvc_yaml)
-    assert len(lines) == 1, "dvc.yaml needs one comment line '# plumbing (no stage lists these): <paths>'"
-    return set(lines[0].split())
+def plumbing() -> set[str]:
+    """The files of the modules ``revision.PLUMBING`` names, as dvc.yaml spells paths."""
+    return {f"src/revision/{name}.py" for name in revision.PLUMBING}
 
 
 def code_stages() -> dict[str, dict]:
     """Each dvc.yaml stage that runs a `revision` subcommand: its stage module and its .py deps."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    launch = yaml.safe_load((ROOT / "params.yaml").read_text())["launch"]
+    launch = committed_params()["launch"]  # not whatever `dvc exp run -S launch=...` last left in the workspace
     found = {}
     for stage, entry in stages.items():
         match = STAGE_COMMAND.search(entry["cmd"].replace("${launch}", launch))
@@ -87,7 +86,7 @@ def code_stages() -> dict[str, dict]:
 
 def expected_deps() -> dict[str, set[str]]:
     """What each code stage's deps should be: its command's import closure, less plumbing."""
-    skip = plumbing((ROOT / "dvc.yaml").read_text())
+    skip = plumbing()
     return {stage: relative(import_closure(info["module"])) - skip for stage, info in code_stages().items()}
 
 
@@ -105,10 +104,10 @@ def test_every_stage_lists_exactly_the_modules_its_command_imports():
 
 
 def test_plumbing_files_exist():
-    files = plumbing((ROOT / "dvc.yaml").read_text())
-    assert files and all(path.endswith(".py") for path in files), files
+    files = plumbing()
+    assert files, "revision.PLUMBING is empty"
     missing = [path for path in sorted(files) if not (ROOT / path).is_file()]
-    assert not missing, f"dvc.yaml's plumbing line names files that do not exist: {missing}"
+    assert not missing, f"revision.PLUMBING names modules that do not exist: {missing}"
 
 
 def test_the_closure_follows_every_kind_of_import(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from revision.checkpoints import save_mllm
 from revision.errors import InputError
 from revision.evaluate import (
     RANKED_PROBES,
@@ -30,7 +31,8 @@ from revision.evaluate import (
     vqa_accuracy,
     yes_no,
 )
-from revision.mllm import MLLMConfig, save_mllm
+from revision.mllm import MLLMConfig
+from revision.visual_input import PooledInput
 from stages import evaluate
 from tests.helpers import tiny_mllm, write_embedding_set
 
@@ -148,16 +150,16 @@ def test_derangement_gives_every_caption_another_image():
     assert derangement(40, seed=0) == derangement(40, seed=0) != derangement(40, seed=1)
 
 
-def test_answer_nll_sums_what_forward_averages(tiny_lm_dir):
+def test_answer_scores_sum_what_forward_averages(tiny_lm_dir):
     model = tiny_mllm(tiny_lm_dir, EMBED_DIM, visual_tokens=2, encoder=ENCODER).eval()
     conversations = [[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": text}]
                      for text in ("A red circle.", "A large blue triangle on the left side.")]  # fmt: skip
     vectors = torch.randn(2, EMBED_DIM)
-    sums, counts = model.answer_nll(vectors, conversations)
+    sums, counts, _ = model.answer_scores(vectors, conversations)
     assert counts[1] > counts[0] > 0
     with torch.no_grad():
-        mean = float(model(vectors, conversations))
-        alone = float(model(vectors[1:], conversations[1:]))
+        mean = float(model(vectors, conversations).loss)
+        alone = float(model(vectors[1:], conversations[1:]).loss)
     assert float(sums.sum() / counts.sum()) == pytest.approx(mean, rel=1e-5)
     assert float(sums[1] / counts[1]) == pytest.approx(alone, rel=1e-5)
 
@@ -165,16 +167,16 @@ def test_answer_nll_sums_what_forward_averages(tiny_lm_dir):
 class ReadsTheVector:
     """Stands in for an MLLM: a caption is likely when it names the colour coded in the image vector."""
 
-    config = MLLMConfig(embed_dim=2, visual_tokens=1)
+    config = MLLMConfig(visual=PooledInput(dim=2, tokens=1))
     colours = ("red", "blue")
 
     def conversation(self, question, answer):
         return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
-    def answer_nll(self, vectors, conversations):
+    def answer_scores(self, vectors, conversations):
         named = [self.colours[int(v[0] > 0)] for v in vectors]
         sums = [0.0 if f" {colour} " in conv[1]["value"] else 5.0 for colour, conv in zip(named, conversations)]
-        return torch.tensor(sums), torch.ones(len(sums), dtype=torch.long)
+        return torch.tensor(sums), torch.ones(len(sums), dtype=torch.long), torch.tensor([s == 0.0 for s in sums])
 
 
 def test_ranked_probe_prefers_the_caption_the_model_finds_more_likely():

@@ -129,7 +129,7 @@ def test_two_processes_share_the_requests_and_agree_with_one(tiny_repo, task, tm
 
 
 @pytest.mark.slow
-def test_loglikelihoods_are_the_models_answer_nll(tiny_repo):
+def test_loglikelihoods_are_the_models_answer_scores(tiny_repo):
     needs_lmms_eval()
     from lmms_eval.api.instance import Instance
 
@@ -153,7 +153,7 @@ def test_loglikelihoods_are_the_models_answer_nll(tiny_repo):
     images = EmbeddingSet(tiny_repo / "data" / "embeddings" / "eval_images")
     vectors = torch.from_numpy(vectors_by_id(images, [d["id"] for d in docs], "eval", list(range(len(docs)))))
     conversations = [model.conversation(context or None, d["choices"][0]) for context in contexts for d in docs]
-    sums, _ = model.answer_nll(vectors.repeat(len(contexts), 1), conversations)
+    sums, _, _ = model.answer_scores(vectors.repeat(len(contexts), 1), conversations)
     assert [-ll for ll, _ in scores] == pytest.approx(sums.tolist(), rel=1e-4)
     assert scores[0][0] != pytest.approx(scores[len(docs)][0], rel=1e-4)  # the context is part of the prompt
 

@@ -6,17 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from revision.checkpoints import load_mllm, save_mllm
+from revision.conversations import IGNORE_INDEX, IMAGE_SLOT_ID
 from revision.errors import InputError
 from revision.lm import bundled_gguf_path, load_lm
-from revision.mllm import (
-    IGNORE_INDEX,
-    IMAGE_SLOT_ID,
-    MLLM,
-    add_lora,
-    freeze_lm,
-    load_mllm,
-    save_mllm,
-)
+from revision.mllm import MLLM, add_lora, freeze_lm
 from tests.helpers import tiny_mllm
 
 EMBED_DIM = 16
@@ -47,6 +41,11 @@ def embeddings(n: int, seed: int = 0) -> torch.Tensor:
 
 def answers(conversation) -> list[str]:
     return [turn["value"] for turn in conversation if turn["from"] == "gpt"]
+
+
+def full_logits(model: MLLM, vectors: torch.Tensor, conversations) -> torch.Tensor:
+    """The LM's logits at every position of the batch (not only where an answer token is predicted)."""
+    return model._lm_forward(model.build_inputs(vectors, conversations)).logits
 
 
 def rendered(model: MLLM, conversation) -> str:
@@ -125,17 +124,17 @@ def test_exactly_one_placeholder_is_required(model, first_turn):
         model.build_inputs(embeddings(1), [conversation])
 
 
-def test_loss_and_answer_nll_equal_the_full_logits_cross_entropy(model):
+def test_loss_and_answer_scores_equal_the_full_logits_cross_entropy(model):
     """The LM head runs only where an answer token is predicted; the numbers must not change."""
     emb = embeddings(2)
     batch = model.build_inputs(emb, CONVERSATIONS)
     logits = model.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits[:, :-1]
     labels = batch.labels[:, 1:]
     per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # 0 where ignored
-    nll, count = model.answer_nll(emb, CONVERSATIONS)
+    nll, count, _ = model.answer_scores(emb, CONVERSATIONS)
     assert count.tolist() == (labels != IGNORE_INDEX).sum(dim=1).tolist()
     assert torch.allclose(nll, per_token.sum(dim=1), atol=1e-4)
-    assert torch.allclose(model(emb, CONVERSATIONS), per_token.sum() / count.sum(), atol=1e-5)
+    assert torch.allclose(model(emb, CONVERSATIONS).loss, per_token.sum() / count.sum(), atol=1e-5)
     answer = labels != IGNORE_INDEX
     missed = ((logits.argmax(-1) != labels) & answer).sum(dim=1)
     _, _, greedy = model.answer_scores(emb, CONVERSATIONS)
@@ -160,7 +159,7 @@ def test_projector_steps_with_frozen_lm_lower_the_loss(model):
     vectors = embeddings(2)
     losses = []
     for _ in range(10):
-        loss = model(vectors, CONVERSATIONS)
+        loss = model(vectors, CONVERSATIONS).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -174,7 +173,7 @@ def test_save_load_round_trip_gives_identical_outputs(model, tmp_path):
     vectors = embeddings(2)
     with torch.no_grad():
         model.projector.mlp[2].bias.add_(0.5)  # differ from any fresh init
-        logits, loss = model.logits(vectors, CONVERSATIONS), model(vectors, CONVERSATIONS)
+        logits, loss = full_logits(model, vectors, CONVERSATIONS), model(vectors, CONVERSATIONS).loss
     save_mllm(model, tmp_path / "ckpt")
     for name in ["mllm.json", "projector.safetensors", "lm/model.safetensors", "lm/chat_template.jinja"]:
         assert (tmp_path / "ckpt" / name).is_file(), name
@@ -182,8 +181,8 @@ def test_save_load_round_trip_gives_identical_outputs(model, tmp_path):
     loaded = load_mllm(tmp_path / "ckpt")
     assert loaded.config == model.config and loaded.config.encoder == ENCODER
     with torch.no_grad():
-        torch.testing.assert_close(loaded.logits(vectors, CONVERSATIONS), logits, rtol=0, atol=0)
-        torch.testing.assert_close(loaded(vectors, CONVERSATIONS), loss, rtol=0, atol=0)
+        torch.testing.assert_close(full_logits(loaded, vectors, CONVERSATIONS), logits, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(vectors, CONVERSATIONS).loss, loss, rtol=0, atol=0)
 
 
 def test_lora_is_merged_on_save(model, tmp_path):
@@ -195,18 +194,18 @@ def test_lora_is_merged_on_save(model, tmp_path):
             if "lora_B" in name:
                 p.normal_(std=0.5)  # LoRA B starts at zero; make the adapters matter
         vectors = embeddings(2)
-        logits = model.logits(vectors, CONVERSATIONS)
+        logits = full_logits(model, vectors, CONVERSATIONS)
     loaded = load_mllm(save_mllm(model, tmp_path / "ckpt"))
     assert not any("lora_" in name for name, _ in loaded.lm.named_parameters())
     with torch.no_grad():
-        torch.testing.assert_close(loaded.logits(vectors, CONVERSATIONS), logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(full_logits(loaded, vectors, CONVERSATIONS), logits, rtol=1e-4, atol=1e-4)
 
 
 def test_generate_returns_text_and_batches_like_single_calls(model):
     vectors = embeddings(3)
     questions = ["What is shown in this long question about the picture?", None, "Colour?"]
-    batched = model.generate_batch(vectors, questions, max_new_tokens=6)
-    singles = [model.generate(vectors[i], questions[i], max_new_tokens=6) for i in range(3)]
+    batched = model.generate(vectors, questions, max_new_tokens=6)
+    singles = [model.generate(vectors[i : i + 1], [questions[i]], max_new_tokens=6)[0] for i in range(3)]
     assert all(isinstance(text, str) and text for text in batched)
     assert batched == singles
     assert len(set(batched)) > 1

@@ -25,11 +25,11 @@ pytestmark = pytest.mark.slow
 DAG_EDGES = {
     ("prepare", "encoder"),
     ("prepare", "embed"), ("encoder", "embed"),
-    ("prepare", "grid"), ("encoder", "grid"),
+    ("prepare", "visual"), ("encoder", "visual"),
     ("prepare", "realign"), ("embed", "realign"),
-    ("prepare", "pretrain"), ("embed", "pretrain"), ("grid", "pretrain"), ("realign", "pretrain"), ("lm", "pretrain"),
-    ("prepare", "finetune"), ("embed", "finetune"), ("grid", "finetune"), ("pretrain", "finetune"), ("lm", "finetune"),
-    ("prepare", "evaluate"), ("embed", "evaluate"), ("grid", "evaluate"), ("pretrain", "evaluate"), ("finetune", "evaluate"),
+    ("prepare", "pretrain"), ("embed", "pretrain"), ("visual", "pretrain"), ("realign", "pretrain"), ("lm", "pretrain"),
+    ("prepare", "finetune"), ("embed", "finetune"), ("visual", "finetune"), ("pretrain", "finetune"), ("lm", "finetune"),
+    ("prepare", "evaluate"), ("embed", "evaluate"), ("visual", "evaluate"), ("pretrain", "evaluate"), ("finetune", "evaluate"),
     ("lm", "evaluate"),
 }  # fmt: skip
 
@@ -140,7 +140,7 @@ def test_an_sft_only_change_retrains_neither_the_encoder_nor_stage_1(tiny_repo, 
     edit_params(repo / "params.yaml", "prepare", existence_questions=2)
     run(["dvc", "repro", "--single-item", "prepare"], repo)
     changed = set(json.loads(run(["dvc", "status", "--json"], repo).stdout))
-    assert {"embed", "grid", "finetune"} <= changed, changed
+    assert {"embed", "visual", "finetune"} <= changed, changed
     assert not changed & {"prepare", "encoder", "realign", "pretrain", "lm", "evaluate"}, changed
 
 

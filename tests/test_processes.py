@@ -57,8 +57,8 @@ def test_two_processes_train_in_sync_and_close_to_one(tiny_repo, tmp_path, varia
     options = ["--params", tmp_path / "params.yaml", "--prepared", data / "prepared", "--embeddings", data / "embeddings"]
     if variant == "vora":
         pixels = ["--params", tmp_path / "params.yaml", "--prepared", data / "prepared", "--out", tmp_path / "pixels"]
-        run(["revision", "grid", *map(str, pixels), "--metrics", str(tmp_path / "grid.json")], tiny_repo, tracking_uri=tracking)
-        options += ["--grids", tmp_path / "pixels"]
+        run(["revision", "visual", *map(str, pixels), "--metrics", str(tmp_path / "visual.json")], tiny_repo, tracking_uri=tracking)
+        options += ["--visual", tmp_path / "pixels"]
     options += ["--realign", data / "realign", "--lm-dir", data / "lm", "--out", tmp_path / "pretrain"]
     options += ["--checkpoints", tmp_path / "checkpoints", "--metrics", tmp_path / "pretrain.json"]
     options += ["--loss-plot", tmp_path / "loss.csv"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
+from revision.config import RealignConfig
 from revision.errors import InputError
 from revision.realign import (
     METHODS,
@@ -35,6 +38,12 @@ from tests.helpers import unit, write_embedding_set
 
 GOLDEN = Path(__file__).parent / "fixtures" / "realign_golden"
 TOL = 1e-6
+# The recipe of the golden reference (every ReAlign step on); a Recipe has no defaults, so tests start from this.
+FULL = {"method": "realign", "anchor": True, "trace": True, "centroid": True, "noise_std": 0.1, "seed": 0, "shrinkage": 0.1}
+
+
+def full_recipe(**changes) -> Recipe:
+    return Recipe(**{**FULL, **changes})
 
 
 def synthetic(rows: int, dim: int, offset: float, spread: float, seed: int) -> np.ndarray:
@@ -55,10 +64,10 @@ def pair(tmp_path_factory):
     return folder / "text.npy", folder / "image.npy"
 
 
-def aligned(text_path, image_path, tmp_path, chunk_rows=10**6, **recipe) -> tuple[np.ndarray, object]:
+def aligned(text_path, image_path, tmp_path, chunk_rows=10**6, **changes) -> tuple[np.ndarray, object]:
     text = open_embeddings(text_path)
-    stats = fit(text, open_embeddings(image_path), Recipe(**recipe), chunk_rows)
-    out = tmp_path / f"aligned-{hashlib.md5(repr((chunk_rows, recipe)).encode()).hexdigest()}.npy"
+    stats = fit(text, open_embeddings(image_path), full_recipe(**changes), chunk_rows)
+    out = tmp_path / f"aligned-{hashlib.md5(repr((chunk_rows, changes)).encode()).hexdigest()}.npy"
     align_to_npy(text, stats, out, chunk_rows)
     return np.load(out), stats
 
@@ -223,7 +232,7 @@ def test_chunked_equals_unchunked(pair, tmp_path, method):
 def test_embedding_set_output_equals_the_npy_output(tmp_path):
     vectors = synthetic(100, 8, 1.0, 0.3, 1)
     text = open_embeddings(project_set(tmp_path / "text", vectors, shard_size=40))
-    stats = fit(text, open_embeddings(project_set(tmp_path / "img", synthetic(60, 8, 1.0, 0.8, 2))), Recipe(), 7)
+    stats = fit(text, open_embeddings(project_set(tmp_path / "img", synthetic(60, 8, 1.0, 0.8, 2))), full_recipe(), 7)
     align_to_embedding_set(text, stats, tmp_path / "out", 7)  # several 7-row chunks per 40-row shard
     align_to_npy(text, stats, tmp_path / "out.npy", 7)
     np.testing.assert_array_equal(open_embeddings(tmp_path / "out").set.load(), np.load(tmp_path / "out.npy"))
@@ -238,14 +247,14 @@ def test_the_direct_path_for_near_zero_rows_gives_the_same_output(pair, tmp_path
 
 @pytest.mark.parametrize("method", METHODS)
 def test_apply_round_trip_gives_identical_output(pair, tmp_path, method):
-    fit_files(*pair, tmp_path / "fit", Recipe(method=method), 333)
+    fit_files(*pair, tmp_path / "fit", full_recipe(method=method), 333)
     apply_files(tmp_path / "fit" / "stats.json", pair[0], tmp_path / "applied", 250)
     fitted = np.load(tmp_path / "fit" / "aligned_text.npy")
     np.testing.assert_array_equal(fitted, np.load(tmp_path / "applied" / "aligned_text.npy"))
 
 
 def test_apply_uses_the_fitted_mu_hat_on_new_text(pair, tmp_path):
-    stats, _ = fit_files(*pair, tmp_path / "fit", Recipe(), 333)
+    stats, _ = fit_files(*pair, tmp_path / "fit", full_recipe(), 333)
     new = synthetic(40, 16, 1.0, 0.3, 9)
     np.save(tmp_path / "new.npy", new)
     apply_files(tmp_path / "fit" / "stats.json", tmp_path / "new.npy", tmp_path / "applied", 7)
@@ -254,15 +263,22 @@ def test_apply_uses_the_fitted_mu_hat_on_new_text(pair, tmp_path):
     assert np.abs(np.load(tmp_path / "applied" / "aligned_text.npy") - expected).max() <= TOL
 
 
+def test_a_recipe_spells_out_every_setting_and_takes_its_methods_from_the_config():
+    assert all(f.default is MISSING and f.default_factory is MISSING for f in fields(Recipe))
+    assert METHODS == get_args(RealignConfig.model_fields["method"].annotation)
+    with pytest.raises(InputError, match="'nope' is not one of realign, none, mean_shift, c3, block_cov"):
+        full_recipe(method="nope")
+
+
 def test_stats_json_records_the_fit(pair, tmp_path):
-    fit_files(*pair, tmp_path, Recipe(anchor=True, trace=False, centroid=True), 100)
+    fit_files(*pair, tmp_path, full_recipe(anchor=True, trace=False, centroid=True), 100)
     saved = json.loads((tmp_path / "stats.json").read_text())
     assert saved["method"] == "realign"
     assert saved["switches"] == {"anchor": True, "trace": False, "centroid": True}
     assert saved["counts"] == {"text": 1000, "image": 700}
     assert len(saved["mu_hat"]) == 16 and saved["dim"] == 16 and saved["encoder"] is None
     assert saved["scale"] == pytest.approx(np.sqrt(saved["trace_img"] / saved["trace_txt"]))
-    assert load_stats(tmp_path / "stats.json").recipe == Recipe(anchor=True, trace=False, centroid=True)
+    assert load_stats(tmp_path / "stats.json").recipe == full_recipe(anchor=True, trace=False, centroid=True)
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -283,14 +299,14 @@ def test_bad_row_in_a_shard_names_the_shard_and_the_set_row(tmp_path):
     text = project_set(tmp_path / "text", vectors, shard_size=20)
     images = project_set(tmp_path / "images", synthetic(30, 8, 1.0, 0.3, 2))
     with pytest.raises(InputError, match=r"shard-00001\.safetensors: row 13 \(row 33 of .*text\)"):
-        fit(open_embeddings(text), open_embeddings(images), Recipe(), 7)
+        fit(open_embeddings(text), open_embeddings(images), full_recipe(), 7)
 
 
 def test_dimension_mismatch_is_an_input_error(pair, tmp_path):
     np.save(tmp_path / "narrow.npy", synthetic(20, 8, 1.0, 0.3, 1))
     with pytest.raises(InputError, match="dim 8"):
-        fit(open_embeddings(pair[0]), open_embeddings(tmp_path / "narrow.npy"), Recipe(), 100)
-    fit_files(*pair, tmp_path / "fit", Recipe(), 100)
+        fit(open_embeddings(pair[0]), open_embeddings(tmp_path / "narrow.npy"), full_recipe(), 100)
+    fit_files(*pair, tmp_path / "fit", full_recipe(), 100)
     with pytest.raises(InputError, match=r"narrow\.npy: dim 8 .*dim 16"):
         apply_files(tmp_path / "fit" / "stats.json", tmp_path / "narrow.npy", tmp_path / "out", 100)
 
@@ -299,16 +315,16 @@ def test_encoder_mismatch_is_an_input_error(tmp_path):
     text = project_set(tmp_path / "text", synthetic(40, 8, 1.0, 0.3, 1), "enc-a")
     images_b = project_set(tmp_path / "images_b", synthetic(30, 8, 1.0, 0.3, 2), "enc-b")
     with pytest.raises(InputError, match="enc-b"):
-        fit(open_embeddings(text), open_embeddings(images_b), Recipe(), 16)
+        fit(open_embeddings(text), open_embeddings(images_b), full_recipe(), 16)
     images_a = project_set(tmp_path / "images_a", synthetic(30, 8, 1.0, 0.3, 2), "enc-a")
-    fit_files(text, images_a, tmp_path / "fit", Recipe(), 16)
+    fit_files(text, images_a, tmp_path / "fit", full_recipe(), 16)
     other_text = project_set(tmp_path / "text_b", synthetic(10, 8, 1.0, 0.3, 3), "enc-b")
     with pytest.raises(InputError, match="enc-a"):
         apply_files(tmp_path / "fit" / "stats.json", other_text, tmp_path / "out", 16)
 
 
 def test_malformed_stats_file_is_an_input_error(pair, tmp_path):
-    fit_files(*pair, tmp_path / "fit", Recipe(), 100)
+    fit_files(*pair, tmp_path / "fit", full_recipe(), 100)
     saved = json.loads((tmp_path / "fit" / "stats.json").read_text())
     saved["mu_hat"] = saved["mu_hat"][:-1]
     (tmp_path / "broken.json").write_text(json.dumps(saved))
@@ -382,6 +398,13 @@ def test_cli_fits_on_user_files_and_applies(tmp_path, kind, monkeypatch):
                                  "--output-dir", "applied"])
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(np.load(tmp_path / "applied" / "aligned_text.npy"), out)
+
+
+def test_standalone_settings_without_a_params_file_are_the_full_recipe(tmp_path):
+    from stages.realign import STANDALONE, standalone_config
+
+    assert set(STANDALONE) == {f.name for f in fields(Recipe)} | {"chunk_rows"}
+    assert standalone_config(tmp_path / "absent.yaml", {}) == (full_recipe(), 1024)
 
 
 def test_cli_options_override_params(tmp_path, monkeypatch):

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from revision.checkpoints import load_mllm, save_mllm
 from revision.config import RossConfig
+from revision.conversations import IMAGE_SLOT_ID
 from revision.errors import InputError
-from revision.mllm import IMAGE_SLOT_ID, freeze_lm, load_mllm, save_mllm
+from revision.mllm import freeze_lm
 from revision.ross import (
     ROSS_DIR,
     STEPS,
     Denoiser,
-    RossMLLM,
+    Ross,
     TargetTokenizer,
     attach_ross,
     channel_stats,
@@ -179,11 +182,16 @@ def samples_with_images(folder, n: int = 6, dim: int = 16) -> EmbeddingConversat
     return EmbeddingConversations(vectors, [CAPTION] * n, paths)
 
 
+def pooled_mllm(lm_dir, visual_tokens: int = 4):
+    """A stage-1 MLLM (LM frozen) reading 16-dim embeddings as ``visual_tokens`` tokens."""
+    return freeze_lm(tiny_mllm(lm_dir, embed_dim=16, visual_tokens=visual_tokens, encoder={"name": "test", "dim": 16}))
+
+
 @pytest.fixture
-def ross_model(tiny_lm_dir, tmp_path) -> tuple[RossMLLM, EmbeddingConversations]:
+def ross_model(tiny_lm_dir, tmp_path) -> tuple[Ross, EmbeddingConversations]:
     samples = samples_with_images(tmp_path)
-    mllm = freeze_lm(tiny_mllm(tiny_lm_dir, embed_dim=16, visual_tokens=4, encoder={"name": "test", "dim": 16}))
-    return attach_ross(mllm, samples, ROSS, tmp_path / "manifest.json"), samples
+    build = functools.partial(pooled_mllm, tiny_lm_dir)
+    return attach_ross(build(), build, samples, ROSS, tmp_path / "manifest.json"), samples
 
 
 def wake(denoiser: Denoiser) -> None:
@@ -196,11 +204,10 @@ def wake(denoiser: Denoiser) -> None:
 
 def test_each_sample_gets_one_standardised_target_per_visual_token(ross_model):
     model, samples = ross_model
-    assert samples.targets.shape == (6, model.mllm.config.visual_tokens, 3 * 64)
+    assert samples.targets.shape == (6, model.mllm.config.visual.tokens, 3 * 64)
     flat = samples.targets.reshape(-1, samples.targets.shape[-1])
     assert torch.allclose(flat.mean(0), torch.zeros(flat.shape[1]), atol=1e-4)
-    vectors, conversations, targets = collate([samples[i] for i in range(3)])
-    losses = model(vectors, conversations, targets)
+    losses = model(collate([samples[i] for i in range(3)]))
     assert set(losses) == {"loss", "lm_loss", "denoise_loss"}
     assert losses["denoise_loss"].item() == pytest.approx(1.0, abs=0.15)  # zero-init output: the noise's own variance
     assert torch.allclose(losses["loss"], losses["lm_loss"] + losses["denoise_loss"])
@@ -216,11 +223,10 @@ def test_denoising_gradient_reaches_the_lm_states_at_visual_positions_only(ross_
         captured["final"] = output
 
     model.mllm.lm.model.norm.register_forward_hook(keep)  # the LM's final hidden states
-    vectors, conversations, targets = collate([samples[i] for i in range(2)])
-    model(vectors, conversations, targets)["denoise_loss"].backward()
+    batch = collate([samples[i] for i in range(2)])
+    model(batch)["denoise_loss"].backward()
     moved = captured["final"].grad.abs().sum(-1) > 0
-    batch = model.mllm.build_inputs(vectors, conversations)
-    visual = batch.input_ids == IMAGE_SLOT_ID
+    visual = model.mllm.build_inputs(batch.vectors, batch.conversations).input_ids == IMAGE_SLOT_ID
     assert visual.sum() == 2 * 4 and torch.equal(moved, visual)
     # stage 1: the LM is frozen, and the loss still trains the projector, through it
     assert all(p.grad is None for p in model.mllm.lm.parameters())
@@ -228,12 +234,13 @@ def test_denoising_gradient_reaches_the_lm_states_at_visual_positions_only(ross_
 
 
 def test_ross_needs_square_visual_tokens_and_images(tiny_lm_dir, tmp_path):
-    mllm = tiny_mllm(tiny_lm_dir, embed_dim=16, visual_tokens=3, encoder={"name": "test", "dim": 16})
+    build = functools.partial(pooled_mllm, tiny_lm_dir, visual_tokens=3)
+    mllm = build()
     with pytest.raises(InputError, match="must be a square"):
-        attach_ross(mllm, samples_with_images(tmp_path), ROSS, tmp_path / "m.json")
+        attach_ross(mllm, build, samples_with_images(tmp_path), ROSS, tmp_path / "m.json")
     text_only = EmbeddingConversations(np.zeros((2, 16), np.float32), [CAPTION] * 2)
     with pytest.raises(InputError, match="m.json: Ross needs the image of every sample"):
-        attach_ross(mllm, text_only, ROSS, tmp_path / "m.json")
+        attach_ross(mllm, build, text_only, ROSS, tmp_path / "m.json")
 
 
 def test_the_denoiser_is_saved_beside_the_checkpoint_and_never_used_to_answer(ross_model, tmp_path):
@@ -245,24 +252,36 @@ def test_the_denoiser_is_saved_beside_the_checkpoint_and_never_used_to_answer(ro
     save_mllm(model.mllm, without)
     assert (with_ross / ROSS_DIR / "denoiser.safetensors").exists() and not (without / ROSS_DIR).exists()
     vectors = samples.vectors[:3]
-    answers = [load_mllm(folder).generate_batch(vectors, max_new_tokens=6) for folder in (with_ross, without)]
+    answers = [load_mllm(folder).generate(vectors, max_new_tokens=6) for folder in (with_ross, without)]
     assert answers[0] == answers[1]
     # stage 2 continues the saved denoiser, with the targets standardised as stage 1 did
     (tmp_path / "sft").mkdir()
     fresh = samples_with_images(tmp_path / "sft")
-    continued = attach_ross(load_mllm(with_ross), fresh, ROSS, tmp_path / "sft.json", previous=with_ross)
+    build = functools.partial(load_mllm, with_ross)
+    continued = attach_ross(build(), build, fresh, ROSS, tmp_path / "sft.json", previous=with_ross)
     for name, value in model.denoiser.state_dict().items():
         assert torch.equal(continued.denoiser.state_dict()[name], value), name
     assert torch.equal(continued.target_mean, model.target_mean) and torch.equal(continued.target_std, model.target_std)
     wider = ROSS.model_copy(update={"width": 64})
-    other = attach_ross(load_mllm(with_ross), fresh, wider, tmp_path / "sft.json", previous=with_ross)
+    other = attach_ross(build(), build, fresh, wider, tmp_path / "sft.json", previous=with_ross)
     assert torch.count_nonzero(other.denoiser.out.weight) == 0  # another shape: a fresh denoiser
+
+
+def test_rebuild_makes_a_fresh_ross_of_the_same_shape_that_takes_the_trained_state(ross_model):
+    model, _ = ross_model
+    wake(model.denoiser)
+    rebuilt = model.rebuild()  # what train_and_save loads the gathered state into
+    assert isinstance(rebuilt, Ross) and rebuilt.mllm is not model.mllm and rebuilt.settings == model.settings
+    assert torch.count_nonzero(rebuilt.denoiser.out.weight) == 0  # a fresh denoiser, not the trained one
+    rebuilt.load_state_dict(model.state_dict())
+    for name, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], value), name
 
 
 def test_a_missing_target_image_names_the_manifest_and_row(tiny_lm_dir, tmp_path):
     samples = samples_with_images(tmp_path)
     (tmp_path / "4.png").unlink()
-    mllm = tiny_mllm(tiny_lm_dir, embed_dim=16, visual_tokens=4, encoder={"name": "test", "dim": 16})
+    build = functools.partial(pooled_mllm, tiny_lm_dir)
     with pytest.raises(InputError, match=r"sft\.json: row 4: image file not found"):
-        attach_ross(mllm, samples, ROSS, tmp_path / "sft.json")
+        attach_ross(build(), build, samples, ROSS, tmp_path / "sft.json")
     assert samples.targets is None  # nothing half-attached

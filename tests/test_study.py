@@ -1,4 +1,4 @@
-"""The study grid, the noise rule and the report, on a synthetic `dvc exp show --json`."""
+"""The study's experiments (conditions × seeds), the noise rule and the report, on a synthetic `dvc exp show --json`."""
 
 from __future__ import annotations
 
@@ -15,29 +15,31 @@ from revision.study import (
     CONDITIONS,
     STRESS_CONDITIONS,
     World,
-    grid,
     merge_results,
     pending,
     queue_command,
     resolution,
     results_from_record,
     results_record,
+    study_experiments,
     study_results,
     summarize,
     within_noise,
 )  # fmt: skip
-from tests.helpers import BIN
+from tests.helpers import BIN, ROOT
 
 PROFILE = {"pretrain.max_samples": 256, "evaluate.max_images": 40}
 PLAIN_ONLY = ["--stress-shift", "0", "--existence-questions", "0"]  # `revision study` without its other worlds
+# a profile for the CLI tests: the study's settings (the options override them) and one size
+TEST_PROFILE = "study:\n  seeds: 1\n  stress_shift: 0.8\n  existence_questions: 1\n  jobs: 1\npretrain:\n  max_samples: 8\n"
 
 
 def worlds(plain=tuple(CONDITIONS), stress=STRESS_CONDITIONS, existence=()) -> list[World]:
     return [World("", 0, tuple(plain)), World("stress", 0.8, tuple(stress)), World("existence", 2, tuple(existence))]
 
 
-def test_grid_is_every_condition_and_seed_plus_the_stress_world():
-    experiments = grid(range(3), PROFILE, worlds())
+def test_the_experiments_are_every_condition_and_seed_plus_the_stress_world():
+    experiments = study_experiments(range(3), PROFILE, worlds())
     assert len(experiments) == 3 * (len(CONDITIONS) + len(STRESS_CONDITIONS))
     assert len({e.name for e in experiments}) == len(experiments)
     assert len({frozenset(e.overrides) for e in experiments}) == 1  # every experiment sets the same keys
@@ -50,11 +52,11 @@ def test_grid_is_every_condition_and_seed_plus_the_stress_world():
     anchor = next(e for e in experiments if e.name == "study-anchor-s0").overrides
     assert (anchor["realign.anchor"], anchor["realign.trace"], anchor["realign.centroid"]) == (True, False, False)
     assert [e.name for e in experiments[:2]] == ["study-none-s0", "study-paired-s0"]  # seed-major order
-    assert len(grid(range(2), PROFILE, worlds(stress=()))) == 2 * len(CONDITIONS)
+    assert len(study_experiments(range(2), PROFILE, worlds(stress=()))) == 2 * len(CONDITIONS)
 
 
 def test_the_existence_world_turns_on_existence_questions_and_nothing_else():
-    experiments = grid(range(1), PROFILE, worlds(plain=["full"], stress=[], existence=["full", "vora"]))
+    experiments = study_experiments(range(1), PROFILE, worlds(plain=["full"], stress=[], existence=["full", "vora"]))
     overrides = {e.name: e.overrides for e in experiments}
     assert sorted(overrides) == ["study-existence-full-s0", "study-existence-vora-s0", "study-full-s0"]
     plain, existence = overrides["study-full-s0"], overrides["study-existence-full-s0"]
@@ -64,11 +66,11 @@ def test_the_existence_world_turns_on_existence_questions_and_nothing_else():
 
 
 def test_queue_command_writes_yaml_booleans():
-    command = queue_command(next(e for e in grid([0], PROFILE, worlds(stress=())) if e.name == "study-full-s0"))
+    command = queue_command(next(e for e in study_experiments([0], PROFILE, worlds(stress=())) if e.name == "study-full-s0"))
     assert command[:7] == ["dvc", "--wait-for-lock", "exp", "run", "--queue", "--name", "study-full-s0"]
     assert "realign.centroid=true" in command and "pretrain.source=aligned" in command
     assert "finetune.ross=false" in command and "pretrain.ross=false" in command
-    ross = queue_command(next(e for e in grid([0], PROFILE, worlds(stress=())) if e.name == "study-full_ross-s0"))
+    ross = queue_command(next(e for e in study_experiments([0], PROFILE, worlds(stress=())) if e.name == "study-full_ross-s0"))
     assert "finetune.ross=true" in ross and "pretrain.ross=false" in ross and "realign.centroid=true" in ross
 
 
@@ -160,7 +162,7 @@ def test_saved_results_round_trip_and_newer_runs_replace_them():
 
 
 def test_skip_done_leaves_out_the_experiments_with_results():
-    experiments = grid(range(2), PROFILE, worlds(plain=["c3", "full"], stress=["full"]))
+    experiments = study_experiments(range(2), PROFILE, worlds(plain=["c3", "full"], stress=["full"]))
     done = study_results(_exp_show([_experiment("study-full-s0", 0.1, 2.0), _experiment("study-stress-full-s1", 0.2, 2.0),
                                     _experiment("study-raw-s0", 0.3, 2.0)]))  # fmt: skip
     assert sorted(r.name for r in done) == ["study-full-s0", "study-raw-s0", "study-stress-full-s1"]
@@ -169,15 +171,15 @@ def test_skip_done_leaves_out_the_experiments_with_results():
     assert pending(experiments, []) == experiments
 
 
-def test_grid_runs_the_chosen_conditions_and_refuses_unknown_ones():
-    experiments = grid(range(3), PROFILE, worlds(plain=["full"], stress=["raw", "anchor"]))
+def test_the_study_runs_the_chosen_conditions_and_refuses_unknown_ones():
+    experiments = study_experiments(range(3), PROFILE, worlds(plain=["full"], stress=["raw", "anchor"]))
     assert sorted(e.name for e in experiments if e.name.endswith("-s0")) == [
         "study-full-s0", "study-stress-anchor-s0", "study-stress-raw-s0"]  # fmt: skip
     with pytest.raises(ValueError, match="unknown study conditions \\['ful'\\]"):
-        grid(range(1), PROFILE, worlds(plain=["ful"]))
+        study_experiments(range(1), PROFILE, worlds(plain=["ful"]))
 
 
-def test_run_record_keeps_every_grid_run(tmp_path):
+def test_run_record_keeps_every_study_run(tmp_path):
     from stages.study import read_runs
 
     record = tmp_path / "study_run.json"
@@ -234,12 +236,12 @@ def test_skip_done_with_every_result_there_queues_nothing_and_writes_the_report(
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
     saved = study_results(_exp_show([_experiment(f"study-full-s{s}", 0.6, 1.0) for s in range(2)]))
     (tmp_path / "results.json").write_text(json.dumps(results_record(saved)))
-    (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
+    (tmp_path / "profile.yaml").write_text(TEST_PROFILE)
     args = ["study", "--seeds", "2", "--conditions", "full", *PLAIN_ONLY, "--skip-done", "--profile", "profile.yaml",
             "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "every experiment of this grid has results already" in result.output
+    assert "every experiment asked for has results already" in result.output
     assert "ReAlign full" in (tmp_path / "ablation.md").read_text() and not (tmp_path / "run.json").exists()
     assert not (tmp_path / ".dvc" / "tmp" / "exps").exists()  # nothing was queued
 
@@ -274,7 +276,7 @@ def test_the_tracking_store_exists_before_the_experiments_start(tmp_path, monkey
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     saved = study_results(_exp_show([_experiment("study-full-s0", 0.6, 1.0)]))
     (tmp_path / "results.json").write_text(json.dumps(results_record(saved)))
-    (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
+    (tmp_path / "profile.yaml").write_text(TEST_PROFILE)
     tables_when_run: list[set] = []
 
     def fake_run(command, **kwargs):
@@ -301,7 +303,7 @@ def test_vora_conditions_are_compared_with_the_encoder_with_grid_tokens_and_with
         "- VoRA without distillation vs VoRA (pixels, vision LoRA, distilled)",
         "- VoRA with a causal mask vs VoRA (pixels, vision LoRA, distilled)",
     ]
-    overrides = {e.name: e.overrides for e in grid([0], {}, worlds(plain=["vora_causal", "full"], stress=[]))}
+    overrides = {e.name: e.overrides for e in study_experiments([0], {}, worlds(plain=["vora_causal", "full"], stress=[]))}
     assert overrides["study-vora_causal-s0"]["vora.attention"] == "causal"
     assert overrides["study-full-s0"]["vora.attention"] == "bidirectional"  # every experiment sets every key
     assert overrides["study-vora_causal-s0"]["model.visual_input"] == "pixels"
@@ -327,7 +329,7 @@ def test_experiments_that_leave_no_result_fail_the_study_and_are_recorded(tmp_pa
     monkeypatch.chdir(tmp_path)
     saved = study_results(_exp_show([_experiment("study-raw-s0", 0.6, 1.0)]))
     (tmp_path / "results.json").write_text(json.dumps(results_record(saved)))
-    (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
+    (tmp_path / "profile.yaml").write_text(TEST_PROFILE)
     ok = lambda command, **kwargs: subprocess.CompletedProcess(command, 0, stdout="[]", stderr="")  # noqa: E731
     monkeypatch.setattr(stages.study.subprocess, "run", ok)
     args = ["study", "--seeds", "1", "--conditions", "full,raw", *PLAIN_ONLY, "--profile", "profile.yaml",
@@ -358,3 +360,27 @@ def test_results_saved_before_worlds_existed_still_load():
     old = {"experiments": [{"stress": True, "condition": "raw", "seed": 0, "params": {}, "metrics": {}, "finished": "x"},
                            {"stress": False, "condition": "full", "seed": 1, "params": {}, "metrics": {}}]}  # fmt: skip
     assert [r.name for r in results_from_record(old)] == ["study-stress-raw-s0", "study-full-s1"]
+
+
+def test_the_study_settings_come_from_the_profile_and_the_options_override_them():
+    from revision.config import flatten, read_params
+    from stages.study import read_profile
+
+    shipped = ROOT / "profiles" / "study.yaml"
+    cfg, sizes = read_profile(shipped, {"seeds": None, "stress_shift": None, "existence_questions": None, "jobs": None})
+    assert cfg.model_dump() == read_params(shipped)["study"]
+    assert sizes == flatten({block: values for block, values in read_params(shipped).items() if block != "study"})
+    assert not any(key.startswith("study.") for key in sizes)  # the study's settings are not passed to its experiments
+    overridden, _ = read_profile(shipped, {"seeds": 1, "stress_shift": 0.0, "existence_questions": None, "jobs": 2})
+    assert overridden.model_dump() == {**cfg.model_dump(), "seeds": 1, "stress_shift": 0.0, "jobs": 2}
+
+
+def test_a_profile_without_the_study_settings_needs_the_options(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
+    result = CliRunner().invoke(app, ["study", "--seeds", "1", *PLAIN_ONLY, "--profile", "profile.yaml"])
+    assert result.exit_code == 2 and "study.jobs: Field required" in result.output

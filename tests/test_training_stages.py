@@ -11,7 +11,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from revision.mllm import load_mllm
+from revision.checkpoints import load_mllm
 from stages.cli import app
 from tests.helpers import edit_params
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from revision.attention import additive_mask, attention_allowed, positions
+from revision.checkpoints import load_mllm
 from revision.config import ModelConfig, VoraConfig
 from revision.errors import InputError
-from revision.mllm import load_mllm, new_mllm
-from revision.patches import PixelRows, pixel_identity
-from revision.vora import PROJECTIONS, VoraMLLM, add_vision_lora
+from revision.mllm import new_mllm
+from revision.objectives import Batch
+from revision.visual_input import PixelRows, PixelsInput, pixel_identity
+from revision.vora import PROJECTIONS, Vora, add_vision_lora
 
 SIZE, PATCH = 16, 8  # 4 image tokens
 
@@ -25,9 +29,16 @@ def pixels_model(lm_dir, cfg: VoraConfig, lora: bool = True, seed: int = 0):
     model_cfg = ModelConfig(lm=str(lm_dir), visual_input="pixels", visual_tokens=4, grid=4, trust_remote_code=False,
                             system_prompt=None, seed=seed)  # fmt: skip
     torch.manual_seed(seed)
-    model = new_mllm(lm_dir, model_cfg, pixel_identity(cfg.image_size), 64, vora=cfg)
+    visual = PixelsInput(cfg.image_size, cfg.patch)
+    model = new_mllm(lm_dir, model_cfg, visual, pixel_identity(cfg.image_size), 64, cfg.attention)
     model.lm.requires_grad_(False)
     return add_vision_lora(model, cfg) if lora else model
+
+
+def vora_model(lm_dir, cfg: VoraConfig) -> Vora:
+    """VoRA's stage-1 objective around a fresh pixels model with its vision LoRA (rebuilt the same way)."""
+    build = functools.partial(pixels_model, lm_dir, cfg)
+    return Vora(build(), build, cfg)
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -92,11 +103,11 @@ def test_lora_sits_in_the_first_blocks_on_the_seven_projections_and_starts_as_th
     assert torch.equal(model.lm(input_ids=ids).logits, base.lm(input_ids=ids).logits)
 
 
-def _train(model: VoraMLLM, steps: int, pixels, conversations) -> list[dict]:
+def _train(model: Vora, steps: int, pixels, conversations) -> list[dict]:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     history = []
     for _ in range(steps):
-        losses = model(pixels, conversations)
+        losses = model(Batch(pixels, conversations))
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
@@ -105,14 +116,14 @@ def _train(model: VoraMLLM, steps: int, pixels, conversations) -> list[dict]:
 
 
 def test_distillation_learns_and_its_gradient_reaches_lora_and_patches_never_the_teacher(tiny_lm_dir):
-    model = VoraMLLM(pixels_model(tiny_lm_dir, vora_cfg()), vora_cfg())
+    model = vora_model(tiny_lm_dir, vora_cfg())
     pixels, conversations = images(8), captions(8)
     assert len(model.heads) == len(model.teacher.widths) == 2
     history = _train(model, 40, pixels, conversations)
     assert history[-1]["distill_loss"] < 0.7 * history[0]["distill_loss"]
     assert set(history[0]) == {"loss", "lm_loss", "distill_loss", "distill_block1", "distill_block2"}
     model.zero_grad()
-    model(pixels, conversations)["distill_loss"].backward()
+    model(Batch(pixels, conversations))["distill_loss"].backward()
     assert model.mllm.projector.conv.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.mllm.lm.named_parameters() if "lora_A" in n)
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
@@ -125,17 +136,17 @@ def _text_only(n: int) -> list:
 
 
 def test_text_only_samples_have_the_lm_loss_only_and_never_read_their_pixels(tiny_lm_dir):
-    model = VoraMLLM(pixels_model(tiny_lm_dir, vora_cfg()), vora_cfg())
+    model = vora_model(tiny_lm_dir, vora_cfg())
     pixels, conversations, has_image = images(4), captions(2) + _text_only(2), torch.tensor([True, True, False, False])
-    mixed = model(pixels, conversations, has_image)
-    images_only = model(pixels[:2], conversations[:2])
+    mixed = model(Batch(pixels, conversations, has_image=has_image))
+    images_only = model(Batch(pixels[:2], conversations[:2]))
     for name in ["distill_loss", "distill_block1", "distill_block2"]:  # distillation: the image samples alone
         assert torch.allclose(mixed[name], images_only[name], atol=1e-6), name
-    text_lm = model.mllm.loss_and_states(pixels[2:], conversations[2:], has_image[2:])[0]
-    other = model.mllm.loss_and_states(images(2, seed=9), conversations[2:], has_image[2:])[0]
+    text_lm = model.mllm(pixels[2:], conversations[2:], has_image[2:]).loss
+    other = model.mllm(images(2, seed=9), conversations[2:], has_image[2:]).loss
     assert torch.equal(text_lm, other)  # a text-only sample's pixels are never read
     assert not torch.allclose(mixed["lm_loss"], images_only["lm_loss"])  # but its answer is in the LM loss
-    text_batch = model(pixels[2:], conversations[2:], has_image[2:])
+    text_batch = model(Batch(pixels[2:], conversations[2:], has_image=has_image[2:]))
     assert text_batch["distill_loss"].item() == 0
     model.zero_grad()
     text_batch["loss"].backward()
@@ -143,9 +154,9 @@ def test_text_only_samples_have_the_lm_loss_only_and_never_read_their_pixels(tin
     lora_b = [p.grad for n, p in model.mllm.lm.named_parameters() if "lora_B" in n]  # B starts at zero, A does not
     assert any(grad is not None and grad.any() for grad in lora_b)  # text trains the vision LoRA too (as the authors')
     with pytest.raises(InputError, match="without an image needs no"):
-        model(pixels[:1], captions(1), torch.tensor([False]))
+        model(Batch(pixels[:1], captions(1), has_image=torch.tensor([False])))
     with pytest.raises(InputError, match="with an image needs exactly one"):
-        model(pixels[:1], _text_only(1), torch.tensor([True]))
+        model(Batch(pixels[:1], _text_only(1), has_image=torch.tensor([True])))
 
 
 def test_the_text_share_adds_corpus_texts_flagged_text_only(tmp_path):
@@ -159,7 +170,7 @@ def test_the_text_share_adds_corpus_texts_flagged_text_only(tmp_path):
     corpus.to_parquet(tmp_path / TEXT_CORPUS.file)
     paired = EmbeddingConversations(np.ones((6, 12), np.float32), captions(6))
     mixed = with_text_only(paired, tmp_path, 0.25, seed=0)
-    assert len(mixed) == 8 and mixed.targets.tolist() == [True] * 6 + [False] * 2
+    assert len(mixed) == 8 and mixed.has_image.tolist() == [True] * 6 + [False] * 2
     assert mixed.conversations[:6] == paired.conversations
     assert {c[1]["value"] for c in mixed.conversations[6:]} <= set(corpus["text"])
     assert not any("<image>" in c[0]["value"] for c in mixed.conversations[6:])
@@ -169,7 +180,7 @@ def test_the_text_share_adds_corpus_texts_flagged_text_only(tmp_path):
 
 
 def test_merged_checkpoint_gives_the_logits_of_the_unmerged_model(tiny_lm_dir, tmp_path):
-    model = VoraMLLM(pixels_model(tiny_lm_dir, vora_cfg()), vora_cfg())
+    model = vora_model(tiny_lm_dir, vora_cfg())
     pixels, conversations = images(4), captions(4)
     _train(model, 5, pixels, conversations)  # LoRA B leaves zero
     model.save(tmp_path / "ckpt")
@@ -177,15 +188,32 @@ def test_merged_checkpoint_gives_the_logits_of_the_unmerged_model(tiny_lm_dir, t
     loaded = load_mllm(tmp_path / "ckpt")
     assert not hasattr(loaded.lm, "peft_config")  # merged
     with torch.no_grad():
-        assert torch.allclose(model.mllm.logits(pixels, conversations), loaded.logits(pixels, conversations), atol=1e-5)
-    assert loaded.config.image_attention == "bidirectional" and loaded.config.visual_input == "pixels"
+        assert torch.allclose(_logits(model.mllm, pixels, conversations), _logits(loaded, pixels, conversations), atol=1e-5)
+    assert loaded.config.image_attention == "bidirectional" and loaded.config.visual == PixelsInput(SIZE, PATCH)
+
+
+def _logits(model, pixels, conversations) -> torch.Tensor:
+    """The LM's logits at every position of the batch (with the model's image attention)."""
+    return model._lm_forward(model.build_inputs(pixels, conversations)).logits
+
+
+def test_rebuild_makes_a_fresh_vora_of_the_same_shape_that_takes_the_trained_state(tiny_lm_dir):
+    model = vora_model(tiny_lm_dir, vora_cfg())
+    _train(model, 2, images(2), captions(2))
+    rebuilt = model.rebuild()  # what train_and_save loads the gathered state into
+    assert isinstance(rebuilt, Vora) and rebuilt.mllm is not model.mllm and rebuilt.cfg == model.cfg
+    trained = model.state_dict()
+    assert not all(torch.equal(rebuilt.state_dict()[name], value) for name, value in trained.items())
+    rebuilt.load_state_dict(trained)
+    for name, value in trained.items():
+        assert torch.equal(rebuilt.state_dict()[name], value), name
 
 
 def test_cached_greedy_decoding_equals_recomputing_with_the_mask_at_every_step(tiny_lm_dir):
     model = pixels_model(tiny_lm_dir, vora_cfg(), lora=False)
     pixels, questions, steps = images(2), ["What colour is it?", "Describe the shape in the picture in detail."], 6
-    answers = model.generate_batch(pixels, questions, max_new_tokens=steps)
-    prompts = [model._pieces(model_messages(model, q), generation_prompt=True) for q in questions]
+    answers = model.generate(pixels, questions, max_new_tokens=steps)
+    prompts = [model._pieces(model.conversation(q), generation_prompt=True) for q in questions]
     batch = model._collate(prompts, model._project(pixels), pad_left=True)
     embeds, mask, start = batch.inputs_embeds, batch.attention_mask, batch.image_start
     tokens = []
@@ -200,12 +228,6 @@ def test_cached_greedy_decoding_equals_recomputing_with_the_mask_at_every_step(t
     reference = model.tokenizer.batch_decode(torch.stack(tokens, 1), skip_special_tokens=True)
     assert answers == [text.strip() for text in reference]
     assert PixelRows(SIZE).dim == pixels.shape[1]
-
-
-def model_messages(model, question):
-    from revision.mllm import _as_messages
-
-    return _as_messages(model.conversation(question), model.config)
 
 
 # ------------------------------------------------------------------ through the real CLI, on the tiny pipeline
@@ -251,7 +273,7 @@ def test_vora_trains_both_stages_and_evaluates_and_chats_from_pixels(tiny_repo, 
 
     params = _pixels_params(tiny_repo, tmp_path, finetune_lm=False, text_share=0.25)
     pixels = str(tmp_path / "pixels")
-    made = _invoke(tiny_repo, "grid", "--params", params, "--out", pixels, "--metrics", str(tmp_path / "g.json"))
+    made = _invoke(tiny_repo, "visual", "--params", params, "--out", pixels, "--metrics", str(tmp_path / "g.json"))
     assert made.exit_code == 0, made.output[-2000:]
     rows = EmbeddingSet(tmp_path / "pixels" / "eval_images")
     assert rows.encoder == pixel_identity(SIZE) and rows.dim == 3 * SIZE * SIZE
@@ -260,7 +282,7 @@ def test_vora_trains_both_stages_and_evaluates_and_chats_from_pixels(tiny_repo, 
     from revision.images import read_image
 
     assert torch.allclose(torch.from_numpy(rows.load()[0]), PixelRows(SIZE).encode_images([read_image(image, str(image))])[0])
-    common = ["--params", params, "--grids", pixels]
+    common = ["--params", params, "--visual", pixels]
     stage1 = _invoke(tiny_repo, "pretrain", *common, "--out", str(tmp_path / "pre"), "--checkpoints", str(tmp_path / "c1"),
                      "--metrics", str(tmp_path / "p.json"), "--loss-plot", str(tmp_path / "p.csv"))  # fmt: skip
     assert stage1.exit_code == 0, stage1.output[-2000:]
@@ -284,10 +306,10 @@ def test_vora_trains_both_stages_and_evaluates_and_chats_from_pixels(tiny_repo, 
     assert not torch.equal(merged.projector.conv.weight, finetuned.projector.conv.weight)
     answer = _invoke(tiny_repo, "chat", "--image", str(image), "--checkpoint", str(tmp_path / "fin"), "--max-new-tokens", "6")
     assert answer.exit_code == 0, answer.output[-2000:]
-    assert answer.stdout.strip() == finetuned.generate(torch.from_numpy(rows.load()[0]), None, max_new_tokens=6).strip()
+    assert answer.stdout.strip() == finetuned.generate(torch.from_numpy(rows.load()[:1]), [None], max_new_tokens=6)[0].strip()
     metrics = tmp_path / "e" / "metrics.json"
     done = _invoke(tiny_repo, "evaluate", "--params", params, "--predictions", str(tmp_path / "e"), "--metrics", str(metrics),
-                   "--grids", pixels, "--checkpoints", str(tmp_path / "pre"), "--checkpoints", str(tmp_path / "fin"),
+                   "--visual", pixels, "--checkpoints", str(tmp_path / "pre"), "--checkpoints", str(tmp_path / "fin"),
                    "--checkpoints", "data/finetune")  # fmt: skip
     assert done.exit_code == 0, done.output[-2000:]
     scores = json.loads(metrics.read_text())

@@ -43,7 +43,7 @@ def render(results: list[Result], runs: list[dict]) -> str:
 
 def _world_tables(world: str, groups: dict, suffix: str) -> list[str]:
     """Each table of ``TABLES`` with the world's conditions in it, leaving out a table whose rows another
-    table of the world shows too (a world runs some conditions only; a grid run in parts, some seeds)."""
+    table of the world shows too (a world runs some conditions only; a study run in parts, some seeds)."""
     present = {title: [c for c in conditions if groups.get((world, c))] for title, conditions in TABLES.items()}
     lines: list[str] = []
     shown: list[set] = []
@@ -107,6 +107,7 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
             "stress: " + "/".join(run["stress_conditions"]) if run.get("stress_conditions") and run.get("stress_shift") else "",
             "existence: " + "/".join(run["existence_conditions"]) if run.get("existence_conditions") else "",
         ]))  # fmt: skip
+        # one line per run of `revision study` ("Grid run" as reports/ablation.md has always said it)
         lines.append(f"Grid run{' started ' + run['started'] if run.get('started') else ''}: {run['experiments']} "
                      f"experiments{' (' + what + ')' if what else ''} in {run['wall_s'] / 60:.1f} min, {run['jobs']} at "
                      f"a time; dvc exit code {run['dvc_exit_code']}"

@@ -98,10 +98,13 @@ class EmbedConfig(Strict):
     )
 
 
+RealignMethod = Literal["realign", "none", "mean_shift", "c3", "block_cov"]  # revision.realign.METHODS reads it
+
+
 class RealignConfig(Strict):
     """Text -> image embedding alignment (ReAlign and the alternatives to compare it with)."""
 
-    method: Literal["realign", "none", "mean_shift", "c3", "block_cov"] = Field(
+    method: RealignMethod = Field(
         description="realign (the switches below) | none | mean_shift (Unicorn: subtract the text mean) | "
         "c3 (centre each modality, add noise) | block_cov (whiten text, colour with image covariance)",
     )
@@ -247,6 +250,19 @@ class EvaluateConfig(Strict):
     max_questions: int = Field(ge=0, description="questions asked per image (seeded choice of its QAs)")
     batch_size: int = Field(ge=1, description="prompts generated together")
     max_new_tokens: int = Field(ge=1, description="longest caption; answers get a quarter of it")
+
+
+class StudyConfig(Strict):
+    """``revision study``'s own settings: the ``study`` block of its profile (profiles/study.yaml), whose other
+    blocks are the sizes every experiment runs with. Not a params.yaml block: the study is no DVC stage, and
+    every pipeline run records the whole of params.yaml (MLflow's parent run)."""
+
+    seeds: int = Field(ge=1, description="seeds per condition (model, pretrain and finetune seed 0..N-1)")
+    stress_shift: float = Field(ge=0, description="embed.stress_shift of the stress world (0: no stress world)")
+    existence_questions: int = Field(
+        ge=0, description="prepare.existence_questions of the existence world (0: no existence world)"
+    )
+    jobs: int = Field(ge=1, description="experiments run at once (each uses every core it can get)")
 
 
 S = TypeVar("S", bound=BaseModel)

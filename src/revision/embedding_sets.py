@@ -5,7 +5,7 @@
 <dir>/ids.parquet           one column ``id``, in row order
 <dir>/shard-00000.safetensors   tensor ``embeddings`` (rows x dim, float32, L2-normalized)
 ```
-A set of grid features (``revision.grid``) has ``"tokens": g²`` in its index: each row is g² tokens of dim / g²
+A set of grid features (``revision.feature_maps``) has ``"tokens": g²`` in its index: each row is g² tokens of dim / g²
 channels, row-major, not normalized.
 Every set records the encoder that made it, so mixing two encoders' embeddings is an error.
 """
@@ -126,7 +126,7 @@ class EmbeddingSet:
         self.dim: int = index["dim"]
         self.count: int = index["count"]
         self.shards = [Shard(**s) for s in index["shards"]]
-        self.tokens: int = index.get("tokens", 1)  # >1: each row is a grid of tokens (revision.grid)
+        self.tokens: int = index.get("tokens", 1)  # >1: each row is a grid of tokens (revision.feature_maps)
 
     def __len__(self) -> int:
         return self.count

@@ -1,7 +1,7 @@
 """Scoring an MLLM on the held-out eval set: captions, VQA, POPE object probes, garment classes, caption NLL.
 
 Everything the model is asked is drawn once per eval set (``load_eval_set``), so every checkpoint answers
-exactly the same prompts about the same images. Generation is greedy through ``MLLM.generate_batch``.
+exactly the same prompts about the same images. Generation is greedy through ``MLLM.generate``.
 
 - captions: one per image (the checkpoint's caption prompt), scored against all references with the COCO
   caption metrics (BLEU-4, METEOR, ROUGE-L, CIDEr on PTB-tokenized text; SPICE needs a download, so it is out);
@@ -29,12 +29,13 @@ from typing import Sequence
 import torch
 
 from revision.captions import COLOUR_WORDS, EXISTENCE_QUESTION, GARMENT_WORDS, SHAPE_WORDS
+from revision.checkpoints import checkpoint_config
 from revision.config import EvaluateConfig
 from revision.embedding_sets import EmbeddingSet
 from revision.encoder_identity import require_same_encoder
 from revision.errors import InputError
 from revision.layout import EVAL, read_manifest
-from revision.mllm import MLLM, checkpoint_config
+from revision.mllm import MLLM
 from revision.sources import EASYVQA_COLOURS, EASYVQA_SHAPES
 from revision.training_data import subsample, vectors_by_id
 
@@ -303,7 +304,7 @@ def generate_all(
     outputs: list[str] = []
     for start in range(0, len(questions), batch_size):
         end = start + batch_size
-        outputs += model.generate_batch(vectors[start:end], list(questions[start:end]), max_new_tokens)
+        outputs += model.generate(vectors[start:end], list(questions[start:end]), max_new_tokens)
     return outputs
 
 
@@ -315,7 +316,7 @@ def caption_nlls(
     sums, counts = [], []
     for start in range(0, len(captions), batch_size):
         conversations = [model.conversation(None, caption) for caption in captions[start : start + batch_size]]
-        batch_sums, batch_counts = model.answer_nll(vectors[start : start + batch_size], conversations)
+        batch_sums, batch_counts, _ = model.answer_scores(vectors[start : start + batch_size], conversations)
         sums.append(batch_sums)
         counts.append(batch_counts)
     return torch.cat(sums), torch.cat(counts)

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from revision.config import flatten
-from revision.embedding_files import ProjectSetSource, gather_rows, sample_rows
+from revision.embedding_streams import ProjectSetSource, gather_rows, sample_rows
 from revision.errors import InputError
 from revision.layout import (
     ALIGNED_TEXT,

@@ -22,7 +22,7 @@ PREPARED = DATA / "prepared"  # manifests + images/
 ENCODER = DATA / "encoder"  # the frozen dual encoder
 EMBEDDINGS = DATA / "embeddings"  # one embedding set per subfolder
 REALIGN = DATA / "realign"  # stats.json + the aligned text set
-GRID = DATA / "grid"  # grid features of the images the MLLM reads (model.visual_input: grid), else empty
+VISUAL = DATA / "visual"  # the images as the MLLM reads them when not pooled embeddings: grid features or pixels
 LM = DATA / "lm"  # the causal LM every MLLM starts from
 PRETRAIN = DATA / "pretrain"  # stage-1 MLLM
 FINETUNE = DATA / "finetune"  # stage-2 MLLM
@@ -134,7 +134,7 @@ EVAL_TEXT = EmbeddedSet("eval_text", EVAL, "captions", first_item=True)  # same 
 # The encoder split is not embedded: the encoder stage trains on it and nothing downstream reads it.
 EMBEDDED_SETS = (TEXT, IMAGE_POOL_IMAGES, PRETRAIN_IMAGES, EVAL_IMAGES, SFT_IMAGES, EVAL_TEXT)
 
-GRID_SETS = (PRETRAIN_IMAGES, SFT_IMAGES, EVAL_IMAGES)  # under GRID, same names and ids: what an MLLM reads
-GRID_RECORD = "grid.json"  # under GRID: the visual input it was written for
+VISUAL_SETS = (PRETRAIN_IMAGES, SFT_IMAGES, EVAL_IMAGES)  # under VISUAL, same names and ids: what an MLLM reads
+VISUAL_RECORD = "visual_input.json"  # under VISUAL: the visual input it was written for
 
 ALIGNED_TEXT = "aligned_text"  # under REALIGN: TEXT mapped by the fitted alignment, same ids and order

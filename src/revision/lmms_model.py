@@ -47,8 +47,7 @@ class RevisionModel(lmms):
         super().__init__()
         from accelerate import Accelerator
 
-        from revision.grid import image_reader
-        from revision.mllm import load_mllm
+        from revision.checkpoints import load_mllm
 
         if unknown:
             raise InputError(f"revision model: unknown --model_args {sorted(unknown)}; it takes pretrained, encoder, "
@@ -61,7 +60,8 @@ class RevisionModel(lmms):
         self.model = load_mllm(pretrained, self._device).eval()
         self.model.config.max_length = None  # score whole continuations, whatever budget training used
         fix = "pass the encoder it was trained on: --model_args ...,encoder=<folder>"
-        self.encoder = image_reader(self.model.config, Path(encoder), f"{pretrained} (trained)", fix, self._device)
+        config = self.model.config
+        self.encoder = config.visual.reader(Path(encoder), config.encoder, f"{pretrained} (trained)", fix, self._device)
         self._warned_sampling = False
 
     @property
@@ -92,13 +92,13 @@ class RevisionModel(lmms):
                 chunk = group[start : start + self.batch_size]
                 vectors = self._embed([requests[i] for i in chunk])
                 contexts = [requests[i].args[0] or None for i in chunk]
-                for i, text in zip(chunk, self.model.generate_batch(vectors, contexts, budget)):
+                for i, text in zip(chunk, self.model.generate(vectors, contexts, budget)):
                     answers[i] = _cut(text, requests[i].args[1].get("until"))
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """Log-probability of each continuation as the assistant's answer (end-of-turn marker included, as in
-        ``MLLM.answer_nll``), and whether greedy decoding would produce it."""
+        ``MLLM.answer_scores``), and whether greedy decoding would produce it."""
         results: list[tuple[float, bool]] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]

@@ -30,23 +30,24 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 import numpy as np
 
-from revision.embedding_files import (
+from revision.config import RealignMethod
+from revision.embedding_sets import EmbeddingWriter
+from revision.embedding_streams import (
     EmbeddingSource,
     ProjectSetSource,
     checked_chunks,
     normalized_chunks,
     open_embeddings,
 )
-from revision.embedding_sets import EmbeddingWriter
 from revision.encoder_identity import require_same_encoder
 from revision.errors import InputError
 from revision.outputs import atomic_file, write_json
 
-METHODS = ("realign", "none", "mean_shift", "c3", "block_cov")
+METHODS: tuple[str, ...] = get_args(RealignMethod)  # realign.method's choices, as its config declares them
 STATS_FORMAT = "revision-realign-stats/1"
 TRANSFORM_FILE = "block_cov_transform.safetensors"
 NOISE_BLOCK_ROWS = 4096  # c3 noise is drawn per fixed block of rows, so it does not depend on the chunking
@@ -110,15 +111,16 @@ def moments_of(source: EmbeddingSource, chunk_rows: int, covariance: bool = Fals
 
 @dataclass(frozen=True)
 class Recipe:
-    """What to fit: the method and its settings (the ``realign`` params minus the report's)."""
+    """What to fit: the method and its settings (the ``realign`` params minus the report's). No defaults: the
+    values come from params.yaml (``recipe_from(RealignConfig)``) or from a stats file."""
 
-    method: str = "realign"
-    anchor: bool = True
-    trace: bool = True
-    centroid: bool = True
-    noise_std: float = 0.1
-    seed: int = 0
-    shrinkage: float = 0.1
+    method: RealignMethod
+    anchor: bool
+    trace: bool
+    centroid: bool
+    noise_std: float
+    seed: int
+    shrinkage: float
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -13,17 +13,19 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from revision.checkpoints import save_mllm
 from revision.config import RossConfig
 from revision.errors import InputError
 from revision.images import read_rows
-from revision.mllm import MLLM, save_mllm
+from revision.mllm import MLLM
+from revision.objectives import Batch, Objective
 
 STEPS = 1000
 ROSS_DIR = "ross"  # in a checkpoint folder: the denoiser and its target statistics (training only)
@@ -194,30 +196,34 @@ def standardize(tokens: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
 # ---------------------------------------------------------------- Ross as a training objective
 
 
-class RossMLLM(nn.Module):
-    """An MLLM trained with Ross's loss: LM loss + ``weight`` × denoising loss of the image's target tokens,
-    conditioned on the LM's final hidden states at the visual positions. Batches carry standardised targets."""
+class Ross(Objective):
+    """LM loss + ``weight`` × the denoising loss of each image's target tokens, conditioned on the LM's final
+    hidden states at the visual positions. Batches carry the standardised targets."""
 
-    def __init__(self, mllm: MLLM, denoiser: Denoiser, settings: dict[str, Any], mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        self.mllm, self.denoiser, self.settings = mllm, denoiser.to(mllm.device), settings
+    def __init__(
+        self, mllm: MLLM, build_mllm: Callable[[], MLLM], denoiser: Denoiser, settings: dict[str, Any],
+        mean: torch.Tensor, std: torch.Tensor,
+    ):  # fmt: skip
+        super().__init__(mllm, build_mllm)
+        self.denoiser, self.settings = denoiser.to(mllm.device), settings
         self.register_buffer("target_mean", mean.to(mllm.device))
         self.register_buffer("target_std", std.to(mllm.device))
         self.schedule = noise_schedule()
 
-    def forward(self, embeddings: torch.Tensor, conversations: list, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        lm_loss, hidden = self.mllm.loss_and_visual_states(embeddings, conversations)
-        denoise = denoising_loss(self.denoiser, self.schedule, targets.to(hidden.device), hidden, self.settings["repeat"])
-        return {"loss": lm_loss + self.settings["weight"] * denoise, "lm_loss": lm_loss, "denoise_loss": denoise}
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        lm = self.mllm(batch.vectors, batch.conversations)
+        hidden = self.mllm.visual_states(lm.batch, lm.hidden_states[-1])
+        denoise = denoising_loss(self.denoiser, self.schedule, batch.targets.to(hidden.device), hidden, self.settings["repeat"])
+        return {"loss": lm.loss + self.settings["weight"] * denoise, "lm_loss": lm.loss, "denoise_loss": denoise}
 
     def param_groups(self, lr: float) -> list[dict]:
         """The MLLM's trainable weights at ``lr``, the denoiser's at ``lr`` × lr_scale."""
         trained = [p for p in self.mllm.parameters() if p.requires_grad]
         return [{"params": trained}, {"params": list(self.denoiser.parameters()), "lr": lr * self.settings["lr_scale"]}]
 
-    def like(self, mllm: MLLM) -> RossMLLM:
-        """A model of the same shape around ``mllm`` (to load a trained state into)."""
-        return RossMLLM(mllm, Denoiser(**self.settings["denoiser"]), self.settings, self.target_mean, self.target_std)
+    def rebuild(self) -> Ross:
+        denoiser = Denoiser(**self.settings["denoiser"])
+        return Ross(self.build_mllm(), self.build_mllm, denoiser, self.settings, self.target_mean, self.target_std)
 
     def save(self, folder: Path) -> None:
         """The MLLM as every checkpoint, plus ``ross/``: the denoiser, its settings and the target statistics."""
@@ -235,21 +241,18 @@ def target_tokens(tokenizer: TargetTokenizer, images: list[tuple[int, Path]], wh
     return torch.cat(batches).cpu()
 
 
-def grid_of(visual_tokens: int) -> int:
-    grid = math.isqrt(visual_tokens)
-    if grid * grid != visual_tokens:
-        raise InputError(f"Ross reconstructs one target per visual token on a square grid: model.visual_tokens "
-                         f"must be a square (4, 9, 16, ...), got {visual_tokens}")  # fmt: skip
-    return grid
-
-
-def attach_ross(mllm: MLLM, samples, cfg: RossConfig, where: Path, previous: Path | None = None) -> RossMLLM:
+def attach_ross(
+    mllm: MLLM, build_mllm: Callable[[], MLLM], samples, cfg: RossConfig, where: Path, previous: Path | None = None
+) -> Ross:
     """``mllm`` with Ross's loss, and ``samples`` given their standardised target tokens. A ``previous``
     checkpoint trained with Ross (stage 1) hands on its denoiser and target statistics when its settings match
     ``cfg``; otherwise the denoiser starts fresh and the statistics come from these samples."""
     if samples.images is None:
         raise InputError(f"{where}: Ross needs the image of every sample, and these samples have none")
-    grid = grid_of(mllm.config.visual_tokens)
+    grid = mllm.config.visual.side
+    if grid is None:
+        raise InputError(f"Ross reconstructs one target per visual token on a square grid: model.visual_tokens "
+                         f"must be a square (4, 9, 16, ...), got {mllm.config.visual.tokens}")  # fmt: skip
     tokenizer = TargetTokenizer(grid, cfg.target)
     targets = target_tokens(tokenizer, samples.images, where)
     hidden_size = mllm.lm.get_input_embeddings().embedding_dim
@@ -262,7 +265,7 @@ def attach_ross(mllm: MLLM, samples, cfg: RossConfig, where: Path, previous: Pat
         denoiser, stats = kept
     mean, std = stats or channel_stats(targets)
     samples.targets = standardize(targets, mean, std)
-    return RossMLLM(mllm, denoiser, settings, mean, std)
+    return Ross(mllm, build_mllm, denoiser, settings, mean, std)
 
 
 def _previous_denoiser(folder: Path, settings: dict) -> tuple[Denoiser, tuple[torch.Tensor, torch.Tensor]] | None:

@@ -1,4 +1,4 @@
-"""The ablation study: a grid of DVC experiments (condition x seed) and the report made from their results.
+"""The ablation study: its experiments (one DVC experiment per condition × seed) and the report made from their results.
 
 Every experiment is the pipeline with the study profile's sizes, one condition (how stage 1 gets its inputs)
 and one seed (model, pretrain and finetune seeds together), in one world: the plain one, or a world that turns one
@@ -46,7 +46,8 @@ CONDITIONS: dict[str, dict[str, object]] = {
 # what a condition is compared with; others: "full"
 REFERENCE = {"paired_ross": "paired", "full_ross": "full", "paired_grid": "paired", "paired_grid_ross": "paired_grid",
              "vora": "paired_grid", "vora_nodistill": "vora", "vora_causal": "vora"}  # fmt: skip
-VORA_DEFAULTS = {"vora.distill_weight": 1.0, "vora.attention": "bidirectional"}
+# The conditions each world runs by default (`revision study --stress-conditions` etc. pick others): part of
+# what the worlds are, as the report's world tables compare them, not params.
 STRESS_CONDITIONS = ("raw", "anchor", "anchor_trace", "full")
 EXISTENCE_CONDITIONS = ("paired_grid", "paired_grid_ross", "full", "full_ross", "vora", "vora_nodistill", "vora_causal")
 # world -> the setting it turns on, that setting's value in every other world, and what the report calls it
@@ -104,20 +105,24 @@ class World:
     conditions: tuple[str, ...]
 
 
-def grid(seeds: Sequence[int], profile: dict[str, object], worlds: Sequence[World]) -> list[Experiment]:
-    """Seed-major, so a grid stopped early still has whole seeds of every condition. Every experiment sets
-    every world's setting and every condition's keys, so none inherits a value from another."""
+def study_experiments(seeds: Sequence[int], profile: dict[str, object], worlds: Sequence[World]) -> list[Experiment]:
+    """Every world's conditions × ``seeds``, each experiment with the ``profile``'s sizes. Seed-major, so a
+    study stopped early still has whole seeds of every condition. Every experiment sets every world's setting
+    and every condition's keys, so none inherits a value from another."""
     unknown = sorted({c for world in worlds for c in world.conditions} - set(CONDITIONS))
     if unknown:
         raise ValueError(f"unknown study conditions {unknown}; known: {', '.join(CONDITIONS)}")
-    defaults = {"realign.method": "realign", "model.visual_input": "pooled", **{s: True for s in SWITCHES},
-                **{r: False for r in ROSS}, **VORA_DEFAULTS}  # fmt: skip
+    # What a condition is where it does not set a key: pooled input, the ReAlign switches on, no Ross, VoRA
+    # distilled at weight 1 and bidirectional. Not params: saved results are merged by experiment name, so a
+    # condition must mean the same in every session, whatever params.yaml says.
+    unset = {"realign.method": "realign", "model.visual_input": "pooled", **{s: True for s in SWITCHES},
+             **{r: False for r in ROSS}, "vora.distill_weight": 1.0, "vora.attention": "bidirectional"}  # fmt: skip
     experiments = []
     for seed in seeds:
         for world in worlds:
             settings = {key: world.setting if name == world.name else off for name, (key, off, _) in WORLDS.items()}
             for condition in world.conditions:
-                overrides = {**profile, **defaults, **CONDITIONS[condition], **settings}
+                overrides = {**profile, **unset, **CONDITIONS[condition], **settings}
                 overrides.update({"model.seed": seed, "pretrain.seed": seed, "finetune.seed": seed})
                 prefix = f"{world.name}-" if world.name else ""
                 experiments.append(Experiment(f"study-{prefix}{condition}-s{seed}", overrides))
@@ -181,7 +186,7 @@ def merge_results(saved: Iterable[Result], shown: Iterable[Result]) -> list[Resu
 
 
 def pending(experiments: Iterable[Experiment], results: Iterable[Result]) -> list[Experiment]:
-    """The experiments that have no finished result yet: a grid run in parts goes on where it stopped."""
+    """The experiments that have no finished result yet: a study run in parts goes on where it stopped."""
     done = {result.name for result in results}
     return [experiment for experiment in experiments if experiment.name not in done]
 

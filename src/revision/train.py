@@ -13,7 +13,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from revision.config import TrainConfig
-from revision.mllm import save_mllm
 from revision.outputs import atomic_dir, atomic_file, write_json
-from revision.ross import RossMLLM
 from revision.tracking import StageRun
-from revision.training_data import EmbeddingConversations, collate
+from revision.training_data import collate
+
+if TYPE_CHECKING:
+    from revision.training_setup import TrainingSetup
 
 GROUP_WINDOW = 16  # batches sorted by length together: wide enough to pad little, narrow enough to stay random
 
@@ -179,10 +180,6 @@ class StageOutputs:
     checkpoints: Path
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
-
-
 def loop_config(cfg: TrainConfig) -> LoopConfig:
     return LoopConfig(cfg.seed, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.checkpoint_every)
 
@@ -211,39 +208,29 @@ def write_loss_csv(path: Path, history: list[dict]) -> None:
         pd.DataFrame(history, columns=columns).to_csv(tmp, index=False)
 
 
-def train_and_save(
-    model: torch.nn.Module,  # an MLLM, or one with a second loss (RossMLLM, VoraMLLM)
-    samples: EmbeddingConversations | None,
-    cfg: TrainConfig,
-    accelerator: Accelerator,
-    run: StageRun,
-    run_id: str,
-    outputs: StageOutputs,
-    rebuild: Callable[[], torch.nn.Module],
-    extra: dict | None = None,
-) -> dict:
-    """Train (unless ``samples`` is None; ``run_id`` fingerprints the inputs a checkpoint may be resumed
-    with), then on the main process save the MLLM atomically, write the metrics and loss curve, and drop the
-    checkpoints the finished run no longer needs.
+def train_and_save(setup: TrainingSetup, run: StageRun, outputs: StageOutputs) -> dict:
+    """Train ``setup``'s objective on its samples (none: the model is saved as built), then on the main process
+    save the checkpoint atomically, write the metrics and loss curve, and drop the checkpoints the finished run
+    no longer needs.
 
-    The saved weights are ``accelerator.get_state_dict``'s full copy loaded into ``rebuild()``, a fresh model
-    of the same shape: under ZeRO-3 or FSDP the trained model only holds this process's shard."""
+    The saved weights are ``accelerator.get_state_dict``'s full copy loaded into the objective's ``rebuild()``,
+    a fresh model of the same shape: under ZeRO-3 or FSDP the trained model only holds this process's shard."""
+    accelerator, cfg, samples, model = setup.accelerator, setup.cfg, setup.samples, setup.objective
     history = []
     if samples is not None:
-        loss = lambda m, batch: m(*batch)  # noqa: E731
-        groups = model.param_groups(cfg.lr) if isinstance(model, RossMLLM) else None
+        groups = model.param_groups(cfg.lr)
         model, history = train(
-            model, samples, collate, loss, loop_config(cfg), accelerator, outputs.checkpoints, run_id,
-            run.log_metrics, samples.lengths(), groups,
-        )
+            model, samples, collate, lambda m, batch: m(batch), loop_config(cfg), accelerator, outputs.checkpoints,
+            setup.run_id, run.log_metrics, samples.lengths(), groups,
+        )  # fmt: skip
     state = accelerator.get_state_dict(model)  # every process takes part: sharded weights are gathered here
-    summary = {**(extra or {}), "samples": len(samples) if samples is not None else 0, **loss_summary(history)}
+    summary = {**setup.extra, "samples": len(samples) if samples is not None else 0, **loss_summary(history)}
     run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     if accelerator.is_main_process:
-        trained = rebuild()
+        trained = setup.objective.rebuild()
         trained.load_state_dict(state)
         with atomic_dir(outputs.model) as tmp:
-            trained.save(tmp) if hasattr(trained, "save") else save_mllm(trained, tmp)  # Ross, VoRA: their own parts
+            trained.save(tmp)
         write_json(outputs.metrics, summary)
         write_loss_csv(outputs.loss_curve, history)
         shutil.rmtree(outputs.checkpoints, ignore_errors=True)

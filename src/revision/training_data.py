@@ -32,12 +32,13 @@ from revision.layout import (
     positions,
     read_manifest,
 )
+from revision.objectives import Batch
 
 
 class EmbeddingConversations(Dataset):
     """(embedding, conversation) samples; ``images`` are the (manifest row, path) of each sample's image where it
-    has one (stage-1 text has none), and ``targets`` optional per-sample tensors every item then carries too
-    (Ross's target tokens, or VoRA's has-image flags)."""
+    has one (stage-1 text has none). Two optional per-sample fields travel into each ``Batch`` when set:
+    ``targets`` (Ross's target tokens) and ``has_image`` (VoRA's mix of text-only samples)."""
 
     def __init__(
         self, vectors: np.ndarray, conversations: list[list[dict[str, str]]],
@@ -46,14 +47,19 @@ class EmbeddingConversations(Dataset):
         if len(vectors) != len(conversations):
             raise ValueError(f"{len(vectors)} embeddings for {len(conversations)} conversations")
         self.vectors, self.conversations = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)), conversations
-        self.images, self.targets = images, None
+        self.images = images
+        self.targets: torch.Tensor | None = None
+        self.has_image: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def __getitem__(self, index: int):
-        item = self.vectors[index], self.conversations[index]
-        return item if self.targets is None else (*item, self.targets[index])
+    def __getitem__(self, index: int) -> dict:
+        item = {"vectors": self.vectors[index], "conversations": self.conversations[index]}
+        for name in ("targets", "has_image"):
+            if getattr(self, name) is not None:
+                item[name] = getattr(self, name)[index]
+        return item
 
     def lengths(self) -> list[int]:
         """Characters per conversation, which track its tokens closely enough to batch by length."""
@@ -63,15 +69,16 @@ class EmbeddingConversations(Dataset):
         """Changes whenever any vector, conversation or target does (so a stale checkpoint is never resumed)."""
         content = hashlib.sha256(self.vectors.numpy().tobytes())
         content.update(json.dumps(self.conversations, sort_keys=True).encode())
-        if self.targets is not None:
-            content.update(self.targets.numpy().tobytes())
+        for extra in (self.targets, self.has_image):
+            if extra is not None:
+                content.update(extra.numpy().tobytes())
         return content.hexdigest()
 
 
-def collate(rows: list) -> tuple:
-    """(embeddings, conversations) of a batch, and the stacked targets when the samples carry them."""
-    vectors, conversations, *targets = zip(*rows)
-    return (torch.stack(vectors), list(conversations), *(torch.stack(t) for t in targets))
+def collate(rows: list[dict]) -> Batch:
+    """The samples' fields, stacked (conversations as a list)."""
+    stacked = {name: torch.stack([row[name] for row in rows]) for name in rows[0] if name != "conversations"}
+    return Batch(conversations=[row["conversations"] for row in rows], **stacked)
 
 
 def vectors_by_id(embeddings: EmbeddingSet, ids: list[str], manifest: Path, rows: list[int] | None = None) -> np.ndarray:
@@ -107,8 +114,6 @@ def caption_samples(
     return EmbeddingConversations(vectors, conversations, _image_rows(table, keep, manifest.parent))
 
 
-GRID_SOURCES = ("paired", "none")  # the stage-1 sources a grid model can have: text has no grid
-
 # pretrain.source -> (the embedding set stage 1 reads, given the embeddings and realign folders; the manifest
 # and column holding each embedding's text)
 STAGE1_SOURCES: dict[str, tuple[Callable[[Path, Path], Path], Manifest, str]] = {
@@ -121,15 +126,13 @@ STAGE1_SOURCES: dict[str, tuple[Callable[[Path, Path], Path], Manifest, str]] = 
 
 def stage1_samples(
     source: str, prepared: Path, embeddings: Path, realign: Path, max_samples: int | None, seed: int,
-    grids: Path | None = None,
+    visual: Path | None = None,
 ) -> tuple[EmbeddingConversations | None, EmbeddingSet]:  # fmt: skip
     """Stage 1's samples for ``pretrain.source`` (None for ``none``) and the embedding set they come from (its
-    encoder, and its shape for a new projector). ``grids``: read the paired images' grid features from this
-    folder (the grid stage's) instead of their pooled embeddings."""
+    encoder, and its shape for a new projector). ``visual``: read the paired images' rows from this folder (the
+    visual stage's: grid features or pixels) instead of their pooled embeddings; only paired or none sources."""
     vectors_of, manifest, column = STAGE1_SOURCES[source]
-    if grids is not None and source not in GRID_SOURCES:
-        raise ValueError(f"pretrain.source {source!r} has no grid features (only {', '.join(GRID_SOURCES)} do)")
-    vectors = EmbeddingSet(vectors_of(embeddings, realign) if grids is None else grids / PRETRAIN_IMAGES.name)
+    vectors = EmbeddingSet(vectors_of(embeddings, realign) if visual is None else visual / PRETRAIN_IMAGES.name)
     if source == "none":
         return None, vectors
     table = read_manifest(prepared, manifest)
@@ -139,7 +142,7 @@ def stage1_samples(
 def with_text_only(samples: EmbeddingConversations, prepared: Path, share: float, seed: int) -> EmbeddingConversations:
     """VoRA's stage-1 mix: ``samples`` (each with an image) and text-only ones from the unpaired text corpus,
     ``share`` of the whole. A text-only sample is a caption request without a placeholder answered by a corpus
-    text, with zero pixels the model never reads; every sample carries its has-image flag as its target."""
+    text, with zero pixels the model never reads; every sample carries its has-image flag."""
     table = read_manifest(prepared, TEXT_CORPUS, needs=("text",))
     wanted = round(len(samples) * share / (1 - share))
     if wanted > len(table):
@@ -154,7 +157,7 @@ def with_text_only(samples: EmbeddingConversations, prepared: Path, share: float
     mixed = EmbeddingConversations(
         np.concatenate([vectors, np.zeros((wanted, vectors.shape[1]), np.float32)]), samples.conversations + conversations
     )
-    mixed.targets = torch.arange(len(mixed)) < len(samples)
+    mixed.has_image = torch.arange(len(mixed)) < len(samples)
     return mixed
 
 

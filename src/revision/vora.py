@@ -1,6 +1,6 @@
 """VoRA's stage 1: vision LoRA in the LM's first blocks, distilled block by block from a frozen image network.
 
-The MLLM is a pixels model (``revision.patches``: patch embedding, bidirectional image attention). Stage 1
+The MLLM is a pixels model (``revision.visual_input.PixelsInput``: patch embedding, bidirectional image attention). Stage 1
 wraps its LM in peft LoRA on all seven projections of the first ``blocks`` blocks (base weights frozen, no new
 biases) and adds, per teacher block, a head (RMSNorm + linear to the teacher's width) on the LM's hidden state
 after j - 1 + ``distill_offset`` layers at the image tokens. The distillation loss is 1 - cosine between head
@@ -10,7 +10,7 @@ The checkpoint keeps the LoRA (merged when loaded) and the patch embedding; head
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,9 @@ from torch import nn
 
 from revision.config import VoraConfig
 from revision.errors import InputError
-from revision.mllm import MLLM, save_mllm
-from revision.patches import CHANNELS
+from revision.mllm import MLLM
+from revision.objectives import Batch, Objective
+from revision.visual_input import CHANNELS
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -76,17 +77,18 @@ class Teacher(nn.Module):
         return [F.adaptive_avg_pool2d(o, self.grid).flatten(2).transpose(1, 2) for o in self._outputs(x)]
 
 
-class VoraMLLM(nn.Module):
-    """A pixels MLLM in VoRA's stage 1: LM loss + ``distill_weight`` × the block-wise distillation loss."""
+class Vora(Objective):
+    """A pixels MLLM in VoRA's stage 1: LM loss + ``distill_weight`` × the block-wise distillation loss. Batches
+    may mix in text-only samples (``Batch.has_image`` false), which have the LM loss only. The checkpoint keeps
+    the MLLM alone: its LoRA adapter (merged on load) and patch embedding; heads and teacher stay behind."""
 
-    def __init__(self, mllm: MLLM, cfg: VoraConfig):
-        super().__init__()
-        self.mllm, self.cfg = mllm, cfg
+    def __init__(self, mllm: MLLM, build_mllm: Callable[[], MLLM], cfg: VoraConfig):
+        super().__init__(mllm, build_mllm)
+        self.cfg = cfg
         if not cfg.distill_weight:  # no teacher, no heads: nothing unused for DDP to wait on
             self.teacher, self.heads = None, nn.ModuleList()
             return
-        grid = int(mllm.config.visual_tokens**0.5)
-        self.teacher = Teacher(cfg.teacher, cfg.teacher_size, grid).to(mllm.device)
+        self.teacher = Teacher(cfg.teacher, cfg.teacher_size, mllm.config.visual.side).to(mllm.device)
         hidden = mllm.projector.hidden_size
         deepest = len(self.teacher.widths) - 1 + cfg.distill_offset
         if deepest > mllm.lm.config.num_hidden_layers:
@@ -96,35 +98,29 @@ class VoraMLLM(nn.Module):
             nn.Sequential(nn.RMSNorm(hidden, eps=1e-6), nn.Linear(hidden, width)) for width in self.teacher.widths
         ).to(mllm.device)
 
-    def forward(self, pixels: torch.Tensor, conversations: list, has_image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``has_image`` (bool per sample): false marks a text-only sample, which has the LM loss only."""
-        mllm = self.mllm
-        lm_loss, batch, states = mllm.loss_and_states(pixels, conversations, has_image)
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        mllm, pixels = self.mllm, batch.vectors
+        lm = mllm(pixels, batch.conversations, batch.has_image)
         if self.teacher is None:
-            return {"loss": lm_loss}
-        rows = [row for row, start in enumerate(batch.image_start) if start >= 0]
+            return {"loss": lm.loss}
+        rows = [row for row, start in enumerate(lm.batch.image_start) if start >= 0]
         if rows:
-            side = mllm.projector.image_size
+            side = mllm.config.visual.image_size
             teacher = self.teacher(pixels[rows].to(mllm.device).view(-1, CHANNELS, side, side))
             per_block = [
-                self.block_loss(head, mllm.at_visual_positions(batch, states[j + self.cfg.distill_offset], rows), target)
+                self.block_loss(head, mllm.visual_states(lm.batch, lm.hidden_states[j + self.cfg.distill_offset], rows), target)
                 for j, (head, target) in enumerate(zip(self.heads, teacher))
             ]
         else:  # a batch of text only: nothing to distil, but every head stays in the graph (DDP expects its grads)
             per_block = [sum(p.sum() for p in head.parameters()) * 0.0 for head in self.heads]
         distill = torch.stack(per_block).mean()
         blocks = {f"distill_block{j + 1}": loss for j, loss in enumerate(per_block)}
-        return {"loss": lm_loss + self.cfg.distill_weight * distill, "lm_loss": lm_loss, "distill_loss": distill, **blocks}
+        return {"loss": lm.loss + self.cfg.distill_weight * distill, "lm_loss": lm.loss, "distill_loss": distill, **blocks}
 
     @staticmethod
     def block_loss(head: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """1 - cosine between the head's output and the teacher's feature, averaged over image tokens."""
         return (1 - F.cosine_similarity(head(hidden).float(), target.float(), dim=-1)).mean()
 
-    def like(self, mllm: MLLM) -> VoraMLLM:
-        """A model of the same shape around ``mllm`` (to load a trained state into)."""
-        return VoraMLLM(mllm, self.cfg)
-
-    def save(self, folder: Path) -> None:
-        """The MLLM alone: its LoRA adapter (merged on load) and patch embedding; heads and teacher stay behind."""
-        save_mllm(self.mllm, folder)
+    def rebuild(self) -> Vora:
+        return Vora(self.build_mllm(), self.build_mllm, self.cfg)

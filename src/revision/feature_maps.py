@@ -1,11 +1,12 @@
-"""Grid visual input: the image tower's per-location features instead of one pooled embedding.
+"""Per-location image features (grid visual input) instead of one pooled embedding.
 
 LLaVA feeds the LM one token per image patch, taken from the vision tower before its pooling and its
 projection into the joint space. ``GridFeatures`` does the same with any encoder of the project: the tower's
 last feature map (EfficientNet-Lite0: 1280 channels, 4x4 at 128 px; the tiny conv net: 32 channels; a CLIP
 ViT: its patch tokens before the projection), average-pooled to ``grid`` x ``grid`` cells, row-major. Its
 rows are flattened (``grid``² x channels) so they travel in the project's embedding format unchanged;
-the embedding set records ``tokens`` = ``grid``² and the MLLM's grid projector maps each cell on its own.
+the embedding set records ``tokens`` = ``grid``² and the MLLM's grid projector maps each cell on
+its own (``revision.visual_input.GridInput``).
 
 Only images have grids: text embeddings (raw or aligned) stay pooled, so a grid model's stage 1 is paired
 images or nothing.
@@ -14,16 +15,13 @@ images or nothing.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from revision.embedding_sets import EmbeddingSet
 from revision.errors import InputError
-from revision.mllm import MLLMConfig
 
 
 class GridFeatures(nn.Module):
@@ -83,56 +81,3 @@ def _square(tokens: torch.Tensor, where: str) -> torch.Tensor:
     if side * side != tokens.shape[1]:
         raise InputError(f"{where}: {tokens.shape[1]} patch tokens do not form a square grid")
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
-
-
-def image_features(encoder: nn.Module, model: MLLMConfig) -> nn.Module:
-    """What ``model`` reads from an image (``.encode_images``): the pooled embedding, the grid features, or
-    (a pixels model, which has no encoder) its pixels."""
-    if model.visual_input == "pixels":
-        from revision.patches import PixelRows, image_side
-
-        return PixelRows(image_side(model.embed_dim))
-    return GridFeatures(encoder, math.isqrt(model.visual_tokens)) if model.visual_input == "grid" else encoder
-
-
-def image_reader(model: MLLMConfig, encoder_dir: Path, where: str, fix: str, device: str | torch.device = "cpu") -> nn.Module:
-    """What reads images for ``model`` (``.encode_images``): a pixels model's own preprocessing, or the encoder in
-    ``encoder_dir``, which must be the one ``model`` was trained on (``where``, ``fix``: for the error)."""
-    if model.visual_input == "pixels":
-        return image_features(None, model)
-    from revision.encoder_identity import require_same_encoder
-    from revision.encoders import load_encoder
-
-    encoder, identity = load_encoder(encoder_dir)
-    require_same_encoder(model.encoder, where, identity, encoder_dir, fix)
-    return image_features(encoder.to(device), model)
-
-
-def check_grid(vectors: EmbeddingSet, grid: int) -> None:
-    """``vectors`` must be grid features of ``grid`` x ``grid`` cells (params model.grid)."""
-    if vectors.tokens != grid * grid:
-        raise InputError(f"{vectors.dir}: holds {vectors.tokens} cell(s) per image, model.grid asks for {grid} x {grid}; "
-                         f"re-run `revision grid`")  # fmt: skip
-
-
-def visual_set(embeddings: Path, grids: Path, name: str, model: MLLMConfig) -> EmbeddingSet:
-    """The embedding set ``name`` as ``model`` reads it: pooled (the embed stage's), grid features or pixels (the
-    grid stage's), checked against the model's visual tokens and input dim."""
-    kind = model.visual_input
-    if kind == "pooled":
-        return EmbeddingSet(embeddings / name)
-    if not (grids / name / "index.json").is_file():
-        what = "grid features" if kind == "grid" else "pixel rows"
-        raise InputError(f"{grids / name}: no {what} for a {kind} model; set model.visual_input: {kind} and run "
-                         f"`revision grid`")  # fmt: skip
-    vectors = EmbeddingSet(grids / name)
-    if kind == "pixels":
-        if vectors.encoder != model.encoder:
-            raise InputError(f"{vectors.dir}: images as {vectors.encoder.get('name')}, but the model reads "
-                             f"{model.encoder.get('name')}; re-run `revision grid` with the model's vora.image_size")  # fmt: skip
-        return vectors
-    if (vectors.tokens, vectors.dim) != (model.visual_tokens, model.visual_tokens * model.embed_dim):
-        raise InputError(f"{vectors.dir}: {vectors.tokens} cells of {vectors.dim // vectors.tokens} channels per image, "
-                         f"but the model reads {model.visual_tokens} of {model.embed_dim}; re-run `revision grid` "
-                         f"with the model's settings")  # fmt: skip
-    return vectors

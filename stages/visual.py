@@ -1,4 +1,4 @@
-"""``revision grid``: the images as a grid or pixels MLLM reads them (``model.visual_input: grid | pixels``)."""
+"""``revision visual``: the images as a grid or pixels MLLM reads them (``model.visual_input: grid | pixels``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from revision.config import EmbedConfig, ModelConfig, describe, load_stage_confi
 from revision.outputs import atomic_dir, write_json
 from revision.tracking import stage_run
 
-NAME = "grid"
+NAME = "visual"
 HELP = (
     "With model.visual_input: grid, write the per-location features of the image tower (its last feature map, "
     "average-pooled to model.grid x model.grid cells) for the images the MLLM stages read: pretrain_images, "
@@ -29,47 +29,36 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file holding the 'model' and 'embed' blocks"),
     prepared: Path = typer.Option(layout.PREPARED, help="manifests from `revision prepare`"),
     encoder_dir: Path = typer.Option(layout.ENCODER, help="encoder from `revision encoder`"),
-    out: Path = typer.Option(layout.GRID, help="output folder, one set of grid features per subfolder"),
+    out: Path = typer.Option(layout.VISUAL, help="output folder, one set of rows per subfolder"),
     metrics: Path = typer.Option(layout.stage_metrics(NAME), help="DVC metrics file"),
 ) -> None:
     from accelerate import Accelerator
 
-    from revision.embed import embed_jobs, jobs_from_manifests
-    from revision.encoders import load_encoder
-    from revision.grid import GridFeatures
-    from revision.patches import PixelRows, pixel_identity
+    from revision.embedding_jobs import embed_jobs, jobs_from_manifests
+    from revision.visual_input import stage_rows
 
     model_cfg: ModelConfig = load_stage_config("model", params)
     embed_cfg: EmbedConfig = load_stage_config("embed", params)
-    record = {"visual_input": model_cfg.visual_input}
-    if model_cfg.visual_input == "pooled":
-        with atomic_dir(out) as tmp:
-            (tmp / layout.GRID_RECORD).write_text(json.dumps(record) + "\n")
-        write_json(metrics, record)
-        typer.echo("grid: pooled visual input, no grid features to write")
-        return
     accelerator = Accelerator()
-    if model_cfg.visual_input == "pixels":
-        size = load_stage_config("vora", params).image_size
-        features, identity = PixelRows(size), pixel_identity(size)
-        record |= {"image_size": size, "encoder": identity}
-    else:
-        encoder, identity = load_encoder(encoder_dir)
-        features = GridFeatures(encoder.to(accelerator.device), model_cfg.grid)
-        record |= {"grid": model_cfg.grid, "channels": features.channels, "encoder": identity}
-    jobs = jobs_from_manifests(prepared, layout.GRID_SETS)
+    vora = load_stage_config("vora", params)
+    reader, identity, record = stage_rows(model_cfg, vora, encoder_dir, accelerator.device)
+    if reader is None:
+        with atomic_dir(out) as tmp:
+            (tmp / layout.VISUAL_RECORD).write_text(json.dumps(record) + "\n")
+        write_json(metrics, record)
+        typer.echo(f"visual: {model_cfg.visual_input} visual input, no rows to write")
+        return
+    jobs = jobs_from_manifests(prepared, layout.VISUAL_SETS)
     is_main = accelerator.is_main_process
     blocks = {"model": read_params(params)["model"], "embed": {k: embed_cfg.model_dump()[k] for k in ("batch_size", "shard_size")}}
     with stage_run(NAME, blocks, is_main) as run:
         with atomic_dir(out, keep_partial=True) if is_main else nullcontext(out) as tmp:
-            rates = embed_jobs(features, identity, jobs, tmp, embed_cfg.batch_size, embed_cfg.shard_size, accelerator)
+            rates = embed_jobs(reader, identity, jobs, tmp, embed_cfg.batch_size, embed_cfg.shard_size, accelerator)
             if is_main:
-                (tmp / layout.GRID_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+                (tmp / layout.VISUAL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         rows = {f"rows_{j.name}": len(j.ids) for j in jobs}
         run.log_metrics(rows | {f"rows_per_s_{k}": v for k, v in rates.items()})
     if is_main:
         write_json(metrics, record | rows)
         sizes = ", ".join(f"{j.name}={len(j.ids)}" for j in jobs)
-        g = model_cfg.grid
-        shape = identity["name"] if model_cfg.visual_input == "pixels" else f"{g}x{g} cells of {features.channels} channels"
-        typer.echo(f"grid: {shape}; {sizes}")
+        typer.echo(f"visual: {json.dumps({k: v for k, v in record.items() if k != 'encoder'})}; {sizes}")
