@@ -1,5 +1,5 @@
 # Entry points for a fresh machine: `make repro` (install + run the default pipeline), `make test` (install +
-# lint and run the test suite; `make test-fast`: the unit tests only), `make study` (install + the ablation grid) and
+# lint and run the test suite; `make test-fast`: the unit tests only), `make study` (install + the ablation study) and
 # `make test-lmms` (install the lmms extra, lmms-eval, and run the tests that drive it).
 # Everything runs from the project's own .venv.
 VENV := .venv

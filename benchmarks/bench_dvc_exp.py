@@ -64,7 +64,7 @@ def main() -> None:
     for stage, seconds in direct.items():
         print(f"  {stage:10s} {seconds:7.1f} s run directly")
     print(f"dvc exp run: {exp_seconds:.1f} s in all; outside the stage commands {dvc_seconds:.1f} s "
-          f"= {dvc_seconds / max(1, len(stages)):.1f} s per stage (target <= 10 s)")  # fmt: skip
+          f"= {dvc_seconds / max(1, len(stages)):.1f} s per stage (target <= 10 s)")
     print(f"DVC cache grew by {growth / 2**20:.1f} MiB (target <= 50 MB)")
 
 

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 
 from revision.lm import bundled_gguf_path, load_gguf, load_lm
 from revision.mllm import MLLM, MLLMConfig
+from revision.visual_input import PooledInput
 
 CAPTIONS = [
     "A red circle on a white background.", "A small blue square.", "Two green triangles side by side.",
     "A yellow rectangle.", "A purple star in the corner.", "An orange circle next to a gray square.",
     "A black shape on white.", "A brown triangle pointing up.",
-]  # fmt: skip
+]
 
 
 @contextmanager
@@ -74,7 +75,7 @@ def chat(folder: Path, max_new_tokens: int) -> None:
 def fwd_bwd(model: MLLM, embeddings: torch.Tensor, conversations: list) -> tuple[float, float]:
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    loss = model(embeddings, conversations)
+    loss = model(embeddings, conversations).loss
     forward = time.perf_counter() - start
     loss.backward()
     return forward, time.perf_counter() - start
@@ -83,10 +84,10 @@ def fwd_bwd(model: MLLM, embeddings: torch.Tensor, conversations: list) -> tuple
 def mllm_steps(folder: Path, batch_size: int, embed_dim: int, visual_tokens: int, repeats: int) -> None:
     lm, tokenizer = load_lm(folder)
     torch.manual_seed(0)
-    model = MLLM(lm, tokenizer, MLLMConfig(embed_dim=embed_dim, visual_tokens=visual_tokens))
+    model = MLLM(lm, tokenizer, MLLMConfig(visual=PooledInput(embed_dim, visual_tokens)))
     captions = (CAPTIONS * (batch_size // len(CAPTIONS) + 1))[:batch_size]
     conversations = [[{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": c}]
-                     for c in captions]  # fmt: skip
+                     for c in captions]
     embeddings = F.normalize(torch.randn(batch_size, embed_dim), dim=-1)
     batch = model.build_inputs(embeddings, conversations)
     print(f"MLLM batch {tuple(batch.inputs_embeds.shape)}, {int((batch.labels != -100).sum())} answer tokens")
@@ -95,9 +96,9 @@ def mllm_steps(folder: Path, batch_size: int, embed_dim: int, visual_tokens: int
         timings = [fwd_bwd(model, embeddings, conversations) for _ in range(1 + repeats)][1:]  # first: warm-up
         forward, total = min(timings, key=lambda t: t[1])
         print(f"fwd+bwd, LM {'trainable' if lm_trainable else 'frozen   '}: fwd {forward:.2f} s, "
-              f"total {total:.2f} s (best of {repeats})")  # fmt: skip
+              f"total {total:.2f} s (best of {repeats})")
     with timed("MLLM greedy caption (24 new tokens max)"):
-        print(f"  -> {model.generate(embeddings[0], max_new_tokens=24)!r}")
+        print(f"  -> {model.generate(embeddings[:1], max_new_tokens=24)[0]!r}")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ does not depend on their values).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -23,8 +24,10 @@ from accelerate import Accelerator
 
 from revision.config import load_stage_config
 from revision.mllm import add_lora, freeze_lm, new_mllm
+from revision.objectives import LanguageModeling
 from revision.train import LoopConfig, epoch_order, train
 from revision.training_data import EmbeddingConversations, collate
+from revision.visual_input import PooledInput
 
 
 def conversations(prepared: Path, stage: int, n: int) -> list:
@@ -35,13 +38,14 @@ def conversations(prepared: Path, stage: int, n: int) -> list:
         import pandas as pd
 
         return [[{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": t}]
-                for t in pd.read_parquet(prepared / "text_corpus.parquet")["text"][:n]]  # fmt: skip
+                for t in pd.read_parquet(prepared / "text_corpus.parquet")["text"][:n]]
     return [[{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": caption}]] * n
 
 
 def build(args, stage: int, visual_tokens: int):
     cfg = load_stage_config("model").model_copy(update={"lm": "bundled", "visual_tokens": visual_tokens})
-    model = new_mllm(args.lm, cfg, {"id": "bench", "dim": args.embed_dim}, max_length=None)
+    visual = PooledInput(args.embed_dim, visual_tokens)
+    model = new_mllm(args.lm, cfg, visual, {"id": "bench", "dim": args.embed_dim}, None, "causal")
     freeze_lm(model)
     if stage == 2:
         add_lora(model, 8, 16, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -55,16 +59,18 @@ def dataset(args, stage: int, n: int | None = None) -> EmbeddingConversations:
 
 
 def tokens_per_batch(model, data: EmbeddingConversations, batch_size: int) -> float:
-    emb, convs = collate([data[i] for i in range(batch_size)])
-    return float(model.build_inputs(emb, convs).attention_mask.sum())
+    batch = collate([data[i] for i in range(batch_size)])
+    return float(model.build_inputs(batch.vectors, batch.conversations).attention_mask.sum())
 
 
 def time_stage_loop(args, stage: int, visual_tokens: int) -> tuple[float, float]:
     model, data = build(args, stage, visual_tokens), dataset(args, stage)
+    objective = LanguageModeling(model, functools.partial(build, args, stage, visual_tokens))  # as the stages train it
     loop = LoopConfig(0, 1.0, args.batch_size, 1e-4, 0.0, 0.0, checkpoint_every=10**9)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        train(model, data, collate, lambda m, b: m(b[0], b[1]), loop, Accelerator(cpu=args.cpu), Path(tmp), "bench")
+        train(objective, data, collate, lambda m, b: m(b), loop, Accelerator(cpu=args.cpu), Path(tmp), "bench",
+              param_groups=objective.param_groups(loop.lr))
         seconds = time.perf_counter() - start
     return len(data) / seconds, tokens_per_batch(model, data, args.batch_size) * args.steps / seconds
 
@@ -77,7 +83,7 @@ def first_epoch_batches(data: EmbeddingConversations, batch_size: int, grouped: 
 
 def padding_overhead(model, batches: list) -> float:
     """Positions computed per real token: 1.0 means no padding."""
-    masks = [model.build_inputs(emb, convs).attention_mask for emb, convs in batches]
+    masks = [model.build_inputs(batch.vectors, batch.conversations).attention_mask for batch in batches]
     return sum(m.numel() for m in masks) / sum(float(m.sum()) for m in masks)
 
 
@@ -87,8 +93,8 @@ def time_bare_loop(args, stage: int, visual_tokens: int, grouped: bool = False) 
     batches = first_epoch_batches(data, args.batch_size, grouped)
     model.train()
     start = time.perf_counter()
-    for emb, convs in batches:
-        loss = model(emb, convs)
+    for batch in batches:
+        loss = model(batch.vectors, batch.conversations).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -109,19 +115,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.steps} steps, device "
-          f"{'cuda' if torch.cuda.is_available() and not args.cpu else 'cpu'}")  # fmt: skip
+          f"{'cuda' if torch.cuda.is_available() and not args.cpu else 'cpu'}")
     for stage in (1, 2):
         time_bare_loop(args, stage, 4)  # warm-up: first calls pay for lazy initialisation
         bare = time_bare_loop(args, stage, 4)
         loop = time_stage_loop(args, stage, 4)
         print(f"stage {stage}: train loop {loop[0]:6.2f} samples/s {loop[1]:7.1f} tok/s | bare loop "
-              f"{bare[0]:6.2f} samples/s {bare[1]:7.1f} tok/s | ratio {loop[0] / bare[0]:.2f}")  # fmt: skip
+              f"{bare[0]:6.2f} samples/s {bare[1]:7.1f} tok/s | ratio {loop[0] / bare[0]:.2f}")
     for stage in (1, 2):  # batches of similar length against shuffled ones, the same samples
         model, data = build(args, stage, 4), dataset(args, stage, args.group_samples)
         pads = [padding_overhead(model, first_epoch_batches(data, args.batch_size, g)) for g in (False, True)]
         shuffled, grouped = (time_bare_loop(args, stage, 4, g)[0] for g in (False, True))
         print(f"stage {stage}: positions per real token over {len(data)} samples: shuffled {pads[0]:.3f}, grouped "
-              f"{pads[1]:.3f} | bare loop, first {args.steps} batches: grouped {grouped / shuffled:.2f}x shuffled")  # fmt: skip
+              f"{pads[1]:.3f} | bare loop, first {args.steps} batches: grouped {grouped / shuffled:.2f}x shuffled")
     for k in args.visual_tokens:
         samples, tokens = time_bare_loop(args, 1, k)
         print(f"visual_tokens={k:4d}: stage-1 fwd+bwd {args.batch_size / samples:6.2f} s/batch, {tokens:7.1f} tok/s")

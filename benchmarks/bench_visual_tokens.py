@@ -23,13 +23,14 @@ from revision.embedding_sets import EmbeddingSet
 from revision.mllm import freeze_lm, new_mllm
 from revision.train import LoopConfig, train
 from revision.training_data import caption_samples, collate
+from revision.visual_input import PooledInput
 
 
 @torch.no_grad()
 def eval_caption_nll(model, data, batch_size: int = 16) -> float:
     model.eval()
-    losses = [model(*collate([data[j] for j in range(i, min(i + batch_size, len(data)))])).item()
-              for i in range(0, len(data), batch_size)]  # fmt: skip
+    batches = [collate([data[j] for j in range(i, min(i + batch_size, len(data)))]) for i in range(0, len(data), batch_size)]
+    losses = [model(batch.vectors, batch.conversations).loss.item() for batch in batches]
     return sum(losses) / len(losses)
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     data = Path("data")
     text = caption_samples(EmbeddingSet(data / "realign" / "aligned_text"), pd.read_parquet(data / "prepared" / "text_corpus.parquet"),
-                           "text", data / "prepared" / "text_corpus.parquet", args.samples, seed=0)  # fmt: skip
+                           "text", data / "prepared" / "text_corpus.parquet", args.samples, seed=0)
     evals = pd.read_parquet(data / "prepared" / "eval.parquet").head(args.eval_images)
     evals = evals.assign(caption=[c[0] for c in evals["captions"]])
     images = EmbeddingSet(data / "embeddings" / "eval_images")
@@ -51,11 +52,13 @@ def main() -> None:
     model_cfg = load_stage_config("model")
     for k in args.visual_tokens:
         torch.manual_seed(0)
-        model = freeze_lm(new_mllm(data / "lm", model_cfg.model_copy(update={"visual_tokens": k}), images.encoder, max_length=None))
+        visual = PooledInput(images.encoder["dim"], k)
+        model = freeze_lm(new_mllm(data / "lm", model_cfg, visual, images.encoder, None, "causal"))
         loop = LoopConfig(0, 1.0, args.batch_size, 1e-3, 0.0, 0.05, checkpoint_every=10**9)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            history = train(model, text, collate, lambda m, b: m(b[0], b[1]), loop, Accelerator(cpu=True), Path(tmp), "k")
+            loss = lambda m, b: m(b.vectors, b.conversations).loss  # noqa: E731
+            history = train(model, text, collate, loss, loop, Accelerator(cpu=True), Path(tmp), "k")
             seconds = time.perf_counter() - start
         tail = sum(r["loss"] for r in history[-10:]) / len(history[-10:])
         print(f"visual_tokens={k:3d}: {seconds / len(history):5.2f} s/step, last-10 train loss {tail:.3f}, "

@@ -16,6 +16,7 @@ forced to write exactly --new-tokens tokens. VoRA's settings are the params.yaml
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
@@ -24,10 +25,11 @@ import torch.nn.functional as F
 
 from revision.attention import greedy_decode
 from revision.config import load_stage_config
-from revision.grid import GridFeatures
+from revision.feature_maps import GridFeatures
 from revision.mllm import freeze_lm, new_mllm
-from revision.patches import PixelRows, pixel_identity
-from revision.vora import VoraMLLM, add_vision_lora
+from revision.objectives import Batch, LanguageModeling
+from revision.visual_input import GridInput, PixelRows, PixelsInput, pixel_identity
+from revision.vora import Vora, add_vision_lora
 
 CAPTION = "A small red circle in the top left corner of the image, on a plain white background."
 
@@ -38,10 +40,17 @@ def models(args):
     torch.manual_seed(0)
     grid_cfg = model_cfg.model_copy(update={"lm": "bundled", "visual_input": "grid", "grid": 4})
     features = GridFeatures(_lit(), 4)
-    grid = freeze_lm(new_mllm(args.lm, grid_cfg, {"id": "bench", "dim": features.dim}, None, features.channels))
+    grid_input = GridInput(4, features.channels)
+    grid = freeze_lm(new_mllm(args.lm, grid_cfg, grid_input, {"id": "bench", "dim": features.dim}, None, "causal"))
+    return features, grid, PixelRows(vora_cfg.image_size), vora_mllm(args, model_cfg, vora_cfg), vora_cfg
+
+
+def vora_mllm(args, model_cfg, vora_cfg):
+    """A pixels model as VoRA's stage 1 trains it: the LM frozen, vision LoRA in its first blocks."""
     pixels_cfg = model_cfg.model_copy(update={"lm": "bundled", "visual_input": "pixels"})
-    vora = freeze_lm(new_mllm(args.lm, pixels_cfg, pixel_identity(vora_cfg.image_size), None, None, vora_cfg))
-    return features, grid, PixelRows(vora_cfg.image_size), add_vision_lora(vora, vora_cfg), vora_cfg
+    visual = PixelsInput(vora_cfg.image_size, vora_cfg.patch)
+    vora = freeze_lm(new_mllm(args.lm, pixels_cfg, visual, pixel_identity(vora_cfg.image_size), None, vora_cfg.attention))
+    return add_vision_lora(vora, vora_cfg)
 
 
 def _lit():
@@ -56,20 +65,14 @@ def caption_ms(model, reader, images: list, new_tokens: int) -> float:
     """ms per image to read ``images`` and write ``new_tokens`` tokens for each (one batch)."""
     start = time.perf_counter()
     rows = reader.encode_images(images)
-    prompts = [model._pieces(_messages(model), generation_prompt=True) for _ in images]
+    prompts = [model._pieces(model.conversation(None), generation_prompt=True) for _ in images]
     batch = model._collate(prompts, model._project(rows), pad_left=True)
     if model.config.image_attention == "bidirectional":
         greedy_decode(model.lm, batch.inputs_embeds, batch.attention_mask, model._attention(batch), new_tokens, -1, 0)
     else:
         model.lm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, do_sample=False,
-                          min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+                          min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
     return (time.perf_counter() - start) * 1000 / len(images)
-
-
-def _messages(model):
-    from revision.mllm import _as_messages
-
-    return _as_messages(model.conversation(None), model.config)
 
 
 def samples_per_s(model, rows: torch.Tensor, steps: int) -> float:
@@ -78,8 +81,7 @@ def samples_per_s(model, rows: torch.Tensor, steps: int) -> float:
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(rows, [talk] * rows.shape[0])
-        (out["loss"] if isinstance(out, dict) else out).backward()
+        model(Batch(rows, [talk] * rows.shape[0]))["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
     return steps * rows.shape[0] / (time.perf_counter() - start)
@@ -105,14 +107,16 @@ def main() -> None:
     times = {name: min(caption_ms(m, r, images, args.new_tokens) for _ in range(args.repeats)) for name, (m, r) in readers.items()}
     base = times["encoder, grid tokens"]
     for name, (model, _) in readers.items():
-        print(f"inference {name:22s}: {model.config.visual_tokens:3d} image tokens, {times[name]:7.1f} ms/image "
-              f"({times[name] / base:.2f}x the encoder path)")  # fmt: skip
+        print(f"inference {name:22s}: {model.config.visual.tokens:3d} image tokens, {times[name]:7.1f} ms/image "
+              f"({times[name] / base:.2f}x the encoder path)")
     rows_grid = F.normalize(features.encode_images(images[: args.batch_size]), dim=-1)
     rows_pixels = reader.encode_images(images[: args.batch_size])
-    trained = {
-        "encoder, grid tokens (projector)": (grid, rows_grid),
-        "VoRA, LoRA + distillation": (VoraMLLM(vora, vora_cfg), rows_pixels),
-        "VoRA, LoRA, no distillation": (VoraMLLM(vora, vora_cfg.model_copy(update={"distill_weight": 0.0})), rows_pixels),
+    rebuild_vora = functools.partial(vora_mllm, args, load_stage_config("model"), vora_cfg)
+    no_distill = vora_cfg.model_copy(update={"distill_weight": 0.0})
+    trained = {  # the objectives stage 1 trains
+        "encoder, grid tokens (projector)": (LanguageModeling(grid, lambda: grid), rows_grid),
+        "VoRA, LoRA + distillation": (Vora(vora, rebuild_vora, vora_cfg), rows_pixels),
+        "VoRA, LoRA, no distillation": (Vora(vora, rebuild_vora, no_distill), rows_pixels),
     }
     rates = {name: max(samples_per_s(m, rows, args.steps) for _ in range(args.repeats)) for name, (m, rows) in trained.items()}
     base = rates["encoder, grid tokens (projector)"]

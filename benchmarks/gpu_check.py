@@ -2,12 +2,13 @@
 
 For each mode, stage 1 (tiny LM frozen, projector trained) and stage 2 (LoRA on q/k/v/o + projector) train
 for a few steps on synthetic data (random unit embeddings, short LLaVA-style conversations) through
-``revision.train.train``; the main process saves each stage with ``save_mllm`` from ``accelerator.get_state_dict``
-(as ``train_and_save`` does, so FSDP and ZeRO are gathered), then loads the checkpoint with ``load_mllm`` and
-generates one answer. One line per mode and stage: samples/s (global batch / median optimizer-step time, so
-the first step's warm-up and the one mid-run ``save_state`` checkpoint are left out), the peak
-``torch.cuda.max_memory_allocated`` (max over ranks), and whether the checkpoint loaded and generated. A mode
-whose backend is missing is skipped; the exit code is 1 if any mode that ran failed.
+``revision.train.train``, as the stages' ``LanguageModeling`` objective; the main process loads
+``accelerator.get_state_dict`` into the objective's ``rebuild()`` and saves it (as ``train_and_save`` does, so FSDP
+and ZeRO are gathered), then loads the checkpoint with ``load_mllm`` and generates one answer. One line per mode
+and stage: samples/s (global batch / median optimizer-step time, so the first step's warm-up and the one mid-run
+``save_state`` checkpoint are left out), the peak ``torch.cuda.max_memory_allocated`` (max over ranks), and whether
+the checkpoint loaded and generated. A mode whose backend is missing is skipped; the exit code is 1 if any mode
+that ran failed.
 
 Modes: ``bf16`` / ``fp32`` (one plain process), ``ddp``, ``fsdp``, ``zero2`` (``accelerate launch`` of this
 script with ``configs/accelerate/{ddp,fsdp,deepspeed-zero2}.yaml``, one process per GPU), ``cpu2proc``
@@ -34,6 +35,7 @@ Without a GPU: ``python benchmarks/gpu_check.py --cpu --modes fp32 cpu2proc``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -49,12 +51,15 @@ from pathlib import Path
 
 import torch
 
+from revision.checkpoints import load_mllm
 from revision.config import ModelConfig
 from revision.lm import bundled_gguf_path, load_gguf_tokenizer, tiny_lm
-from revision.mllm import add_lora, freeze_lm, load_mllm, new_mllm, save_mllm
+from revision.mllm import add_lora, freeze_lm, new_mllm
+from revision.objectives import LanguageModeling
 from revision.tracking import apply_offline_defaults
 from revision.train import LoopConfig, train
 from revision.training_data import EmbeddingConversations, collate
+from revision.visual_input import PooledInput
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 EMBED_DIM = 64
@@ -118,14 +123,16 @@ def synthetic_samples(n: int) -> EmbeddingConversations:
 
 def stage_model(stage: int, lm_dir: Path, work_dir: Path):
     if stage == 1:
-        cfg = ModelConfig(lm=str(lm_dir), visual_tokens=4, trust_remote_code=False, system_prompt=None, seed=0)
-        return freeze_lm(new_mllm(lm_dir, cfg, {"kind": "synthetic", "dim": EMBED_DIM}, max_length=256))
+        cfg = ModelConfig(lm=str(lm_dir), visual_input="pooled", visual_tokens=4, grid=1, trust_remote_code=False,
+                          system_prompt=None, seed=0)
+        visual = PooledInput(EMBED_DIM, cfg.visual_tokens)
+        return freeze_lm(new_mllm(lm_dir, cfg, visual, {"kind": "synthetic", "dim": EMBED_DIM}, 256, "causal"))
     return add_lora(load_mllm(work_dir / "stage1"), r=8, alpha=16, dropout=0.05, target_modules=LORA_TARGETS)
 
 
 def load_and_generate(checkpoint: Path, device: str) -> str:
     try:
-        answer = load_mllm(checkpoint, device).generate(torch.randn(EMBED_DIM), max_new_tokens=8)
+        answer = load_mllm(checkpoint, device).generate(torch.randn(1, EMBED_DIM), max_new_tokens=8)[0]
     except Exception as error:  # reported, not raised: the other stages and modes still run
         return f"{type(error).__name__}: {error}"
     return f"ok ({answer[:40]!r})"
@@ -135,25 +142,27 @@ def run_stage(stage: int, accelerator, args: argparse.Namespace) -> None:
     from accelerate.utils import gather_object, set_seed
 
     set_seed(0)
-    model = stage_model(stage, args.lm, args.work_dir)
+    build = functools.partial(stage_model, stage, args.lm, args.work_dir)
+    objective = LanguageModeling(build(), build)
     samples = synthetic_samples(args.steps * args.batch_size * accelerator.num_processes)
     loop = LoopConfig(seed=0, epochs=1, batch_size=args.batch_size, lr=1e-3, weight_decay=0.0, warmup_ratio=0.1,
-                      checkpoint_every=max(1, args.steps // 2))  # fmt: skip
-    loss = lambda m, batch: m(batch[0], batch[1])  # noqa: E731
+                      checkpoint_every=max(1, args.steps // 2))
+    loss = lambda m, batch: m(batch)  # noqa: E731
     step_ends: list[float] = []
     record_step = lambda metrics, step: step_ends.append(time.perf_counter())  # noqa: E731
     on_gpu = accelerator.device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     state_dir = args.work_dir / f"stage{stage}.state"
-    model, history = train(model, samples, collate, loss, loop, accelerator, state_dir, f"stage{stage}", record_step)
+    model, history = train(objective, samples, collate, loss, loop, accelerator, state_dir, f"stage{stage}", record_step,
+                           param_groups=objective.param_groups(loop.lr))
     peaks = gather_object([torch.cuda.max_memory_allocated(accelerator.device) if on_gpu else None])
     step_time = statistics.median(b - a for a, b in zip(step_ends, step_ends[1:]))
     state = accelerator.get_state_dict(model)  # every process takes part: sharded weights are gathered here
     if accelerator.is_main_process:
-        trained = stage_model(stage, args.lm, args.work_dir)
+        trained = objective.rebuild()
         trained.load_state_dict(state)
-        save_mllm(trained, args.work_dir / f"stage{stage}")
+        trained.save(args.work_dir / f"stage{stage}")
         result = {
             "distributed": f"{accelerator.distributed_type.value} x{accelerator.num_processes}",
             "samples_per_s": args.batch_size * accelerator.num_processes / step_time,
@@ -187,7 +196,7 @@ def skip_reason(mode: Mode, cpu: bool) -> str | None:
 
 def worker_command(name: str, args: argparse.Namespace, lm_dir: Path, work_dir: Path) -> list[str]:
     script = [str(Path(__file__).resolve()), "--worker", name, "--lm", str(lm_dir), "--work-dir", str(work_dir),
-              "--steps", str(args.steps), "--batch-size", str(args.batch_size), *(["--cpu"] if args.cpu else [])]  # fmt: skip
+              "--steps", str(args.steps), "--batch-size", str(args.batch_size), *(["--cpu"] if args.cpu else [])]
     config = MODES[name].config
     if config is None:
         return [sys.executable, *script]
@@ -226,7 +235,7 @@ def describe(name: str, stage: int, result: dict) -> str:
     peak = f"{result['peak_gib']:.3f} GiB (max over ranks)" if result["peak_gib"] is not None else "n/a (CPU)"
     loss = "{:.2f} -> {:.2f}".format(*result["loss"])
     return (f"{name:8} stage {stage} ({STAGES[stage]}): {result['distributed']}, {result['samples_per_s']:.1f} samples/s, "
-            f"peak mem {peak}, loss {loss}, load+generate: {result['check']}")  # fmt: skip
+            f"peak mem {peak}, loss {loss}, load+generate: {result['check']}")
 
 
 def check_mode(name: str, args: argparse.Namespace, lm_dir: Path) -> bool:

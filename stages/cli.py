@@ -40,7 +40,7 @@ def clean_errors(fn):
 STAGES = (
     "prepare", "encoder", "embed", "visual", "realign", "lm", "pretrain", "finetune", "evaluate", "chat", "export", "lmms_task",
     "study",
-)  # fmt: skip
+)
 
 
 def stages_to_register(argv: list[str]) -> tuple[str, ...]:

@@ -90,7 +90,7 @@ def main(
             "conditions": list(worlds[0].conditions), "existence_questions": cfg.existence_questions, "jobs": cfg.jobs,
             **{f"{world.name}_conditions": list(world.conditions) for world in worlds[1:]},
             "wall_s": round(wall, 1), "dvc_exit_code": finished.returncode, "without_result": failed,
-        }]  # fmt: skip
+        }]
         write_json(run_record, {"runs": runs})
         typer.echo(f"study: the queue ran for {wall / 60:.1f} min (dvc exit code {finished.returncode})")
     write_report(report, run_record, results)

@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
     unmarked = [
         item.nodeid for item in items
         if "tiny_repo" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow")
-    ]  # fmt: skip
+    ]
     if unmarked:
         raise pytest.UsageError("these tests use tiny_repo: mark them @pytest.mark.slow: " + ", ".join(unmarked))
 

@@ -94,14 +94,14 @@ def user_llava(env: Env) -> tuple[Path, list]:
         {"id": f"c{i}", "image": write_image(root / f"c{i}.png"),
          "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": f"caption {i}"}]}
         for i in range(6)
-    ]  # fmt: skip
+    ]
     return root / "llava.json", records
 
 
 def run_prepare(env: Env, file: Path, where: str, **user_files: Path) -> Broken:
     """prepare on the user's files only (``user_dataset=...``, ``user_llava=...``)."""
     params = edit_params(env.request.getfixturevalue("tiny_params"), "prepare", sources={},
-                         **{key: str(path) for key, path in user_files.items()})  # fmt: skip
+                         **{key: str(path) for key, path in user_files.items()})
     out, metrics = env.tmp / "prepared", env.tmp / "prepare.json"
     return Broken(["prepare", "--params", str(params), "--out", str(out), "--metrics", str(metrics)], file, where, [out, metrics])
 
@@ -219,7 +219,7 @@ def small_prepared(env: Env, rows: int = 4) -> Path:
 def run_embed(env: Env, prepared: Path, file: Path, where: str) -> Broken:
     out, metrics = env.tmp / "data" / "embeddings", env.tmp / "reports" / "embed.json"
     args = ["embed", "--params", str(env.repo / "params.yaml"), "--prepared", str(prepared),
-            "--encoder-dir", str(env.data("encoder")), "--out", str(out), "--metrics", str(metrics)]  # fmt: skip
+            "--encoder-dir", str(env.data("encoder")), "--out", str(out), "--metrics", str(metrics)]
     return Broken(args, file, where, [out, metrics])
 
 
@@ -298,7 +298,7 @@ def run_realign_pipeline(env: Env, file: Path, where: str) -> Broken:
             copy_set(env, name)
     out, reports = env.tmp / "data" / "realign", env.tmp / "reports" / "realign"
     args = ["realign", "--params", str(env.repo / "params.yaml"), "--embeddings", str(embeddings),
-            "--prepared", str(env.data("prepared")), "--out", str(out), "--reports", str(reports)]  # fmt: skip
+            "--prepared", str(env.data("prepared")), "--out", str(out), "--reports", str(reports)]
     return Broken(args, file, where, [out, reports])
 
 
@@ -318,7 +318,7 @@ def realign_standalone_inf(env: Env) -> Broken:
     text, row = text_with_inf(env)
     out = env.tmp / "fitted"
     args = ["realign", "--text-embeddings", str(text), "--image-embeddings", str(env.data("embeddings", "image_pool")),
-            "--output-dir", str(out)]  # fmt: skip
+            "--output-dir", str(out)]
     return Broken(args, text, row, [out])
 
 
@@ -374,7 +374,7 @@ def kept_rows(env: Env, stage: str, manifest_rows: int) -> list[int]:
 def run_training(env: Env, stage: str, *inputs: str) -> tuple[list[str], list[Path]]:
     out, metrics, loss = env.tmp / "data" / stage, env.tmp / "reports" / f"{stage}.json", env.tmp / "reports" / f"{stage}_loss.csv"
     args = [stage, "--params", str(env.repo / "params.yaml"), *inputs, "--out", str(out), "--metrics", str(metrics),
-            "--loss-plot", str(loss), "--checkpoints", str(env.tmp / "checkpoints")]  # fmt: skip
+            "--loss-plot", str(loss), "--checkpoints", str(env.tmp / "checkpoints")]
     return args, [out, metrics, loss]
 
 
@@ -433,7 +433,7 @@ def run_evaluate(env: Env, embeddings: Path, file: Path, where: str) -> Broken:
     predictions = env.tmp / "reports" / "evaluate"
     args = ["evaluate", "--params", str(env.repo / "params.yaml"), "--prepared", str(env.data("prepared")),
             "--embeddings", str(embeddings), "--checkpoints", str(env.data("pretrain")),
-            "--metrics", str(predictions / "metrics.json"), "--predictions", str(predictions)]  # fmt: skip
+            "--metrics", str(predictions / "metrics.json"), "--predictions", str(predictions)]
     return Broken(args, file, where, [predictions])
 
 
@@ -544,7 +544,7 @@ CATALOGUE = [
     ("unknown params key",           embed_unknown_key,                     "Extra inputs are not permitted"),
     ("wrongly typed params value",   pretrain_lr_not_a_number,              "valid number"),
     ("wrongly typed params value",   embed_batch_size_not_an_integer,       "valid integer"),
-]  # fmt: skip
+]
 
 
 def case_id(case) -> str:

@@ -118,7 +118,7 @@ def test_the_closure_follows_every_kind_of_import(tmp_path, monkeypatch):
     stages.mkdir()
     files = {
         stages / "demo.py": "import json\nimport revision.a\nfrom revision import b\nfrom stages.shared import helper\n"
-                            "def main():\n    from revision.c import value\n",  # fmt: skip
+                            "def main():\n    from revision.c import value\n",
         stages / "shared.py": "from revision.d import thing\n\ndef helper():\n    pass\n",
         src / "a.py": "import numpy\n",
         src / "b.py": "from revision.e import *\n",

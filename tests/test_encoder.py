@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from revision.config import load_stage_config
+from revision.config import EncoderConfig
 from revision.contrastive import pairs_gap, train_heads
 from revision.encoders import build_encoder, load_encoder, save_encoder
+from tests.helpers import committed_params
 
-DEFAULT = load_stage_config("encoder", Path(__file__).resolve().parents[1] / "params.yaml")
+DEFAULT = EncoderConfig.model_validate(committed_params()["encoder"])  # not a user's experiment in the workspace
 TINY_LIT = {"text_tower": "tiny", "image_tower": "tiny", "image_size": 16, "embed_dim": 8, "epochs": 15, "batch_size": 16, "lr": 0.01}
 TINY = DEFAULT.model_copy(update={"lit": DEFAULT.lit.model_copy(update=TINY_LIT)})
 
@@ -46,7 +45,7 @@ def test_a_fixed_low_temperature_keeps_the_modality_gap_a_learned_one_closes(see
     gaps = {}
     for learn, scale in [(True, 1 / 0.07), (False, 100.0)]:
         update = {**TINY_LIT, "embed_dim": 16, "epochs": 30, "batch_size": 64, "lr": 0.003, "head_layers": 1,
-                  "learn_logit_scale": learn, "logit_scale": scale}  # fmt: skip
+                  "learn_logit_scale": learn, "logit_scale": scale}
         cfg = DEFAULT.model_copy(update={"lit": DEFAULT.lit.model_copy(update=update), "seed": seed})
         encoder = build_encoder(cfg)
         history = train_heads(encoder, *_two_cones(seed=seed), cfg.lit, seed=seed)
@@ -89,13 +88,13 @@ def test_open_clip_checkpoint_on_disk_is_used_as_is(tmp_path):
     from safetensors.torch import save_file
 
     arch = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}  # fmt: skip
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     (tmp_path / "tiny-clip.json").write_text(json.dumps(arch))
     open_clip.add_model_config(tmp_path / "tiny-clip.json")
     weights = {k: v.contiguous() for k, v in open_clip.create_model("tiny-clip").state_dict().items()}
     save_file(weights, str(tmp_path / "clip.safetensors"))
     cfg = DEFAULT.model_copy(update={"kind": "open_clip", "open_clip_model": "tiny-clip", "checkpoint": str(tmp_path / "clip.safetensors"),
-                                     "open_clip_config": str(tmp_path / "tiny-clip.json")})  # fmt: skip
+                                     "open_clip_config": str(tmp_path / "tiny-clip.json")})
     encoder = build_encoder(cfg)
     identity = save_encoder(encoder, cfg, tmp_path / "enc")
     loaded, loaded_identity = load_encoder(tmp_path / "enc")

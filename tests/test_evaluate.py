@@ -66,7 +66,7 @@ def test_answer_matches(prediction, answer, expected):
 def test_yes_no_reads_the_first_word_only():
     assert [yes_no(t) for t in ("Yes, there is.", "no", "NO!", "maybe yes", "yesterday", "")] == [
         "yes", "no", "no", None, None, None,
-    ]  # fmt: skip
+    ]
 
 
 def test_vqa_accuracy_overall_and_per_type():
@@ -82,7 +82,7 @@ def test_pope_metrics_on_a_known_confusion():
     metrics = pope_metrics(predicted, truth)
     assert metrics == pytest.approx({
         "pope_acc": 0.5, "pope_precision": 2 / 3, "pope_recall": 2 / 3, "pope_f1": 2 / 3, "pope_yes_ratio": 0.5,
-    })  # fmt: skip
+    })
     always_no = pope_metrics(["no"] * 4, ["yes", "no", "yes", "no"])
     assert always_no["pope_f1"] == 0.0 and always_no["pope_acc"] == 0.5 and always_no["pope_yes_ratio"] == 0.0
 
@@ -153,7 +153,7 @@ def test_derangement_gives_every_caption_another_image():
 def test_answer_scores_sum_what_forward_averages(tiny_lm_dir):
     model = tiny_mllm(tiny_lm_dir, EMBED_DIM, visual_tokens=2, encoder=ENCODER).eval()
     conversations = [[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": text}]
-                     for text in ("A red circle.", "A large blue triangle on the left side.")]  # fmt: skip
+                     for text in ("A red circle.", "A large blue triangle on the left side.")]
     vectors = torch.randn(2, EMBED_DIM)
     sums, counts, _ = model.answer_scores(vectors, conversations)
     assert counts[1] > counts[0] > 0
@@ -181,7 +181,7 @@ class ReadsTheVector:
 
 def test_ranked_probe_prefers_the_caption_the_model_finds_more_likely():
     images = [EvalImage(f"e{i}", "easyvqa", [f"A small {c} circle."], {"colour": c, "shape": "circle"})
-              for i, c in enumerate(["red", "blue", "red"])]  # fmt: skip
+              for i, c in enumerate(["red", "blue", "red"])]
     images.append(EvalImage("f0", "fashion_mnist", ["A dark coat."], {"class_name": "coat"}))
     vectors = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])  # the third reads "blue": wrong
     metrics, picked = ranked_probe(ReadsTheVector(), EvalSet(images, vectors, []), "colour", batch_size=3)
@@ -213,7 +213,7 @@ def eval_rows() -> list[dict]:
             "attrs": json.dumps({"class_name": shape, "colour": colour, "shape": shape}),
         }
         for i, (shape, colour) in enumerate(shapes)
-    ]  # fmt: skip
+    ]
     rows += [
         {
             "id": f"fmnist-{i}", "source": "fashion_mnist", "class_name": cls, "colour": None,
@@ -223,9 +223,9 @@ def eval_rows() -> list[dict]:
             "attrs": json.dumps({"class_name": cls, "tone": "dark"}),
         }
         for i, cls in enumerate(["ankle boot", "bag", "dress"])
-    ]  # fmt: skip
+    ]
     rows.append({"id": "user-0", "source": "user", "class_name": None, "colour": None,
-                 "captions": ["A photo of my cat."], "questions": "[]", "attrs": "{}"})  # fmt: skip
+                 "captions": ["A photo of my cat."], "questions": "[]", "attrs": "{}"})
     return [{**row, "image": f"images/{row['id']}.png"} for row in rows]
 
 
@@ -250,7 +250,7 @@ def run_stage(root: Path, out: Path, checkpoints: list[Path]):
     app.command(evaluate.NAME)(evaluate.main)
     args = ["--params", str(root / "params.yaml"), "--prepared", str(root / "prepared"),
             "--embeddings", str(root / "embeddings"), "--metrics", str(out / "evaluate" / "metrics.json"),
-            "--predictions", str(out / "evaluate")]  # fmt: skip
+            "--predictions", str(out / "evaluate")]
     for checkpoint in checkpoints:
         args += ["--checkpoints", str(checkpoint)]
     return CliRunner().invoke(app, args)
@@ -271,7 +271,7 @@ def test_evaluate_stage_scores_each_checkpoint(eval_inputs, tmp_path, monkeypatc
         "pope_recall", "pope_f1", "pope_yes_ratio", "garment_acc", "n_images", "n_vqa", "n_pope",
         "caption_nll_shuffled", "image_gain", "rank_garment_acc", "rank_colour_acc", "rank_shape_acc",
         "rank_garment_margin", "rank_colour_margin", "rank_shape_margin",
-    }  # fmt: skip
+    }
     for scores in metrics.values():
         assert expected <= set(scores)
         assert scores["image_gain"] == pytest.approx(scores["caption_nll_shuffled"] - scores["caption_nll"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,13 @@ import yaml
 from typer.testing import CliRunner
 
 from revision import gap
-from revision.config import read_params
 from revision.embedding_sets import EmbeddingSet
 from revision.realign import Moments, RealignStats, Recipe, transform
 from stages.cli import app
-from tests.helpers import ROOT, unit, write_embedding_set
+from tests.helpers import committed_params, unit, write_embedding_set
+
+# the full ReAlign recipe (a Recipe has no defaults)
+FULL = Recipe(method="realign", anchor=True, trace=True, centroid=True, noise_std=0.1, seed=0, shrinkage=0.1)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -110,8 +113,8 @@ def test_substitution_probe_shows_the_gap_and_its_repair():
     images, image_y = labelled_clusters(600, dim, np.zeros(dim), seed=2)
     test_x, test_y = labelled_clusters(300, dim, np.zeros(dim), seed=3)
     mt, mi = moments(text), moments(images)
-    stats = RealignStats(Recipe(), dim, None, {"text": 600, "image": 600}, mt.mean, mi.mean, mt.trace, mi.trace)
-    stats.mu_hat = transform(text, RealignStats(Recipe(centroid=False), dim, None, {}, mt.mean, mi.mean,
+    stats = RealignStats(FULL, dim, None, {"text": 600, "image": 600}, mt.mean, mi.mean, mt.trace, mi.trace)
+    stats.mu_hat = transform(text, RealignStats(replace(FULL, centroid=False), dim, None, {}, mt.mean, mi.mean,
                                                 mt.trace, mi.trace)).mean(0)
     aligned = transform(text, stats)
     test_y[0] = None  # unlabelled rows are dropped, not guessed
@@ -133,8 +136,8 @@ def test_report_shrinks_the_gap_and_writes_plots(tmp_path):
     mt, mi = moments(text), moments(images)
     base = dict(dim=dim, encoder=None, counts={}, mu_txt=mt.mean, mu_img=mi.mean,
                 trace_txt=mt.trace, trace_img=mi.trace)
-    stats = RealignStats(Recipe(), **base)
-    stats.mu_hat = transform(text, RealignStats(Recipe(centroid=False), **base)).mean(0)
+    stats = RealignStats(FULL, **base)
+    stats.mu_hat = transform(text, RealignStats(replace(FULL, centroid=False), **base)).mean(0)
     aligned = transform(text, stats)
     inputs = gap.ReportInputs(image=images, text=text, aligned=aligned, aligned_moments=moments(aligned),
                               eval_text=text[:100], eval_images=images[:100])
@@ -179,7 +182,7 @@ def write_layout(root: Path, rows: int = 240, dim: int = 8) -> None:
     write_set(emb / "eval_images", ids, images)
     write_set(emb / "eval_text", ids, captions)
     pd.DataFrame({"id": ids, "class_name": y, "colour": [None] * 90}).to_parquet(prepared / "eval.parquet")
-    realign = {**read_params(ROOT / "params.yaml")["realign"], "chunk_rows": 50, "report_sample": 100, "report_k": 5,
+    realign = {**committed_params()["realign"], "chunk_rows": 50, "report_sample": 100, "report_k": 5,
                "probe_max_rows": 200}
     (root / "params.yaml").write_text(yaml.safe_dump({"realign": realign}))
 

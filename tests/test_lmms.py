@@ -86,10 +86,10 @@ def test_task_scoring_is_evaluates():
 
 def harness(repo: Path, task: Path, out: Path, tasks: str, launch: list[str] | None = None, **model_args) -> dict:
     args = ",".join(f"{k}={v}" for k, v in {"pretrained": repo / "data" / "finetune", "encoder": repo / "data" / "encoder",
-                                             **model_args}.items())  # fmt: skip
+                                             **model_args}.items())
     command = [*(launch or [str(BIN / "python")]), "-m", "lmms_eval", "--model", "revision", "--model_args", args,
                "--include_path", str(task), "--tasks", tasks, "--batch_size", "3", "--output_path", str(out),
-               "--log_samples"]  # fmt: skip
+               "--log_samples"]
     run(command, out.parent, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     (results,) = out.glob("*/*_results.json")
     return json.loads(results.read_text())["results"]
@@ -146,7 +146,7 @@ def test_loglikelihoods_are_the_models_answer_scores(tiny_repo):
     contexts = ["", "What color is the shape?"]  # the caption prompt, and a question
     requests = [Instance("loglikelihood", (context, doc["choices"][0], doc_to_visual, i, "ranked", "test"), idx=0,
                          metadata={"task": "ranked", "doc_id": i, "repeats": 1})
-                for context in contexts for i, doc in enumerate(docs)]  # fmt: skip
+                for context in contexts for i, doc in enumerate(docs)]
     scores = harness_model.loglikelihood(requests)
 
     model = harness_model.model

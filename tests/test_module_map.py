@@ -24,7 +24,7 @@ def test_every_module_has_an_entry_and_every_entry_a_module():
 
 def test_each_entry_is_one_line_saying_what_the_module_holds():
     bad = {name: text for name, text in revision.MODULES.items() if not isinstance(text, str) or not text.strip()
-           or "\n" in text}  # fmt: skip
+           or "\n" in text}
     assert not bad, bad
 
 

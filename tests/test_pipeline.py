@@ -31,7 +31,7 @@ DAG_EDGES = {
     ("prepare", "finetune"), ("embed", "finetune"), ("visual", "finetune"), ("pretrain", "finetune"), ("lm", "finetune"),
     ("prepare", "evaluate"), ("embed", "evaluate"), ("visual", "evaluate"), ("pretrain", "evaluate"), ("finetune", "evaluate"),
     ("lm", "evaluate"),
-}  # fmt: skip
+}
 
 
 def dag_edges(dot: str) -> set[tuple[str, str]]:

@@ -68,7 +68,7 @@ def _user_files(root: Path) -> tuple[Path, Path]:
         {"id": f"c{i}", "image": _image(root / f"c{i}.png"),
          "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": f"caption {i}"}]}
         for i in range(10)
-    ]  # fmt: skip
+    ]
     llava = root / "llava.json"
     llava.write_text(json.dumps(records))
     return dataset, llava

@@ -26,7 +26,7 @@ from revision.ross import (
     noise_schedule,
     sincos_positions,
     standardize,
-)  # fmt: skip
+)
 from revision.training_data import EmbeddingConversations, collate
 from tests.helpers import tiny_mllm
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from revision import config
 from revision.config import flatten, read_params
-from tests.helpers import ROOT
+from tests.helpers import ROOT, committed_params
 
 SCANNED = ("src", "stages", "benchmarks", "scripts")
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill"}
@@ -93,7 +93,7 @@ class UnsafeCode(ast.NodeVisitor):
         return (
             isinstance(func, ast.Attribute) and func.attr == "load"
             and isinstance(func.value, ast.Name) and func.value.id in self.torch_names
-        )  # fmt: skip
+        )
 
 
 def unsafe_code(source: str) -> list[str]:
@@ -183,22 +183,23 @@ def config_models() -> list[type[BaseModel]]:
     return [
         model for _, model in inspect.getmembers(config, inspect.isclass)
         if issubclass(model, BaseModel) and model.__module__ == config.__name__
-    ]  # fmt: skip
+    ]
 
 
 def test_every_trust_remote_code_param_is_explicit_and_off_in_params():
     owners = {model.__name__: model.model_fields["trust_remote_code"] for model in config_models()
-              if "trust_remote_code" in model.model_fields}  # fmt: skip
+              if "trust_remote_code" in model.model_fields}
     assert {"EncoderConfig", "ModelConfig"} <= set(owners)
     assert all(field.is_required() for field in owners.values())  # no silent default: params.yaml must say it
-    shipped = flatten(read_params(ROOT / "params.yaml"))
+    shipped = flatten(committed_params())
     assert {"encoder.trust_remote_code", "model.trust_remote_code"} <= set(shipped)
     assert shipped["encoder.trust_remote_code"] is False and shipped["model.trust_remote_code"] is False
 
 
 def test_shipped_params_and_profiles_keep_trust_remote_code_off():
-    for path in [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]:
-        settings = {key: value for key, value in flatten(read_params(path)).items() if key.endswith("trust_remote_code")}
+    shipped = {ROOT / "params.yaml": committed_params()} | {path: read_params(path) for path in sorted((ROOT / "profiles").glob("*.yaml"))}
+    for path, params in shipped.items():
+        settings = {key: value for key, value in flatten(params).items() if key.endswith("trust_remote_code")}
         assert all(value is False for value in settings.values()), (path, settings)
 
 

@@ -45,7 +45,7 @@ def test_embed_with_stress_shifts_every_image_set_and_no_text(tiny_repo, tmp_pat
     out = tmp_path / "emb"
     with contextlib.chdir(tiny_repo):
         result = CliRunner().invoke(app, ["embed", "--params", str(tmp_path / "params.yaml"), "--out", str(out),
-                                          "--metrics", str(tmp_path / "embed.json")])  # fmt: skip
+                                          "--metrics", str(tmp_path / "embed.json")])
     assert result.exit_code == 0, result.output[-2000:]
     plain = tiny_repo / "data" / "embeddings"
     record = json.loads((out / "stress.json").read_text())

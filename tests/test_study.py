@@ -25,7 +25,7 @@ from revision.study import (
     study_results,
     summarize,
     within_noise,
-)  # fmt: skip
+)
 from tests.helpers import BIN, ROOT
 
 PROFILE = {"pretrain.max_samples": 256, "evaluate.max_images": 40}
@@ -107,7 +107,7 @@ def _exp_show(experiments: list[dict]) -> list[dict]:
         {"rev": "workspace", "name": None, "data": {"rev": "workspace", "params": {}, "metrics": {}}, "experiments": None},
         {"rev": "abc1234", "name": "main", "data": {"rev": "abc1234", "params": {}, "metrics": {}},
          "experiments": [{"name": e["name"], "executor": None, "revs": [e]} for e in experiments]},
-    ]  # fmt: skip
+    ]
 
 
 def test_report_aggregates_seeds_and_says_what_is_within_noise():
@@ -126,7 +126,7 @@ def test_report_aggregates_seeds_and_says_what_is_within_noise():
     assert all(r.condition != "c3" for r in results) and len(results) == 10  # failed and foreign experiments left out
     runs = [{"wall_s": 600.0, "experiments": 10, "jobs": 1, "dvc_exit_code": 0},
             {"started": "2026-12-01T19:35:00", "wall_s": 120.0, "experiments": 3, "jobs": 2, "dvc_exit_code": 0,
-             "conditions": ["full"], "stress_conditions": ["raw", "anchor"], "stress_shift": 0.8}]  # fmt: skip
+             "conditions": ["full"], "stress_conditions": ["raw", "anchor"], "stress_shift": 0.8}]
     report = render(results, runs)
     mean, sd = statistics.fmean([0.60, 0.62, 0.64]), statistics.stdev([0.60, 0.62, 0.64])
     # caption_nll, image_gain (not in these metrics), rank_garment_acc
@@ -164,17 +164,17 @@ def test_saved_results_round_trip_and_newer_runs_replace_them():
 def test_skip_done_leaves_out_the_experiments_with_results():
     experiments = study_experiments(range(2), PROFILE, worlds(plain=["c3", "full"], stress=["full"]))
     done = study_results(_exp_show([_experiment("study-full-s0", 0.1, 2.0), _experiment("study-stress-full-s1", 0.2, 2.0),
-                                    _experiment("study-raw-s0", 0.3, 2.0)]))  # fmt: skip
+                                    _experiment("study-raw-s0", 0.3, 2.0)]))
     assert sorted(r.name for r in done) == ["study-full-s0", "study-raw-s0", "study-stress-full-s1"]
     assert [e.name for e in pending(experiments, done)] == [
-        "study-c3-s0", "study-stress-full-s0", "study-c3-s1", "study-full-s1"]  # fmt: skip
+        "study-c3-s0", "study-stress-full-s0", "study-c3-s1", "study-full-s1"]
     assert pending(experiments, []) == experiments
 
 
 def test_the_study_runs_the_chosen_conditions_and_refuses_unknown_ones():
     experiments = study_experiments(range(3), PROFILE, worlds(plain=["full"], stress=["raw", "anchor"]))
     assert sorted(e.name for e in experiments if e.name.endswith("-s0")) == [
-        "study-full-s0", "study-stress-anchor-s0", "study-stress-raw-s0"]  # fmt: skip
+        "study-full-s0", "study-stress-anchor-s0", "study-stress-raw-s0"]
     with pytest.raises(ValueError, match="unknown study conditions \\['ful'\\]"):
         study_experiments(range(1), PROFILE, worlds(plain=["ful"]))
 
@@ -238,7 +238,7 @@ def test_skip_done_with_every_result_there_queues_nothing_and_writes_the_report(
     (tmp_path / "results.json").write_text(json.dumps(results_record(saved)))
     (tmp_path / "profile.yaml").write_text(TEST_PROFILE)
     args = ["study", "--seeds", "2", "--conditions", "full", *PLAIN_ONLY, "--skip-done", "--profile", "profile.yaml",
-            "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
+            "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "every experiment asked for has results already" in result.output
@@ -287,7 +287,7 @@ def test_the_tracking_store_exists_before_the_experiments_start(tmp_path, monkey
 
     monkeypatch.setattr(stages.study.subprocess, "run", fake_run)
     args = ["study", "--seeds", "1", "--conditions", "full", *PLAIN_ONLY, "--profile", "profile.yaml", "--jobs", "2",
-            "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
+            "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len(tables_when_run) == 1 and {"experiments", "runs", "metrics"} <= tables_when_run[0]
@@ -333,7 +333,7 @@ def test_experiments_that_leave_no_result_fail_the_study_and_are_recorded(tmp_pa
     ok = lambda command, **kwargs: subprocess.CompletedProcess(command, 0, stdout="[]", stderr="")  # noqa: E731
     monkeypatch.setattr(stages.study.subprocess, "run", ok)
     args = ["study", "--seeds", "1", "--conditions", "full,raw", *PLAIN_ONLY, "--profile", "profile.yaml",
-            "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]  # fmt: skip
+            "--results", "results.json", "--report", "ablation.md", "--run-record", "run.json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "1 of 2 experiments have no result: study-full-s0" in result.output
     assert json.loads((tmp_path / "run.json").read_text())["runs"][0]["without_result"] == ["study-full-s0"]
@@ -348,7 +348,7 @@ def test_the_existence_world_has_its_own_tables_and_is_compared_with_the_plain_w
     results = study_results(_exp_show(experiments))
     assert {r.world for r in results} == {"", "existence"} and len(results) == 8
     report = render(results, [{"wall_s": 60.0, "experiments": 4, "jobs": 2, "dvc_exit_code": 0,
-                               "existence_conditions": ["full", "full_ross"]}])  # fmt: skip
+                               "existence_conditions": ["full", "full_ross"]}])
     assert "## Ross's reconstruction loss (with and without), with existence questions in SFT (prepare.existence_questions = 1)" in report
     assert "(existence: full/full_ross)" in report
     effect = report[report.index("What a world's setting changes") :]
@@ -358,7 +358,7 @@ def test_the_existence_world_has_its_own_tables_and_is_compared_with_the_plain_w
 
 def test_results_saved_before_worlds_existed_still_load():
     old = {"experiments": [{"stress": True, "condition": "raw", "seed": 0, "params": {}, "metrics": {}, "finished": "x"},
-                           {"stress": False, "condition": "full", "seed": 1, "params": {}, "metrics": {}}]}  # fmt: skip
+                           {"stress": False, "condition": "full", "seed": 1, "params": {}, "metrics": {}}]}
     assert [r.name for r in results_from_record(old)] == ["study-stress-raw-s0", "study-full-s1"]
 
 

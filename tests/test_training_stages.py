@@ -23,7 +23,7 @@ def _stage(tiny_repo, tmp_path, stage: str, *extra: str, **overrides) -> dict:
     path = edit_params(tiny_repo / "params.yaml", stage, tmp_path / "params.yaml", **overrides)
     out = tmp_path / "out"
     args = ["revision", stage, "--params", str(path), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
-            "--loss-plot", str(tmp_path / "loss.csv"), "--checkpoints", str(tmp_path / "ckpt"), *extra]  # fmt: skip
+            "--loss-plot", str(tmp_path / "loss.csv"), "--checkpoints", str(tmp_path / "ckpt"), *extra]
     with contextlib.chdir(tiny_repo):  # reads the tiny repo's data/; logs to the session's throwaway MLflow store
         result = CliRunner().invoke(app, args[1:])
     return {"result": result, "out": out, "metrics": tmp_path / "m.json", "loss": tmp_path / "loss.csv"}

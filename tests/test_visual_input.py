@@ -26,7 +26,7 @@ from tests.helpers import edit_params, tiny_mllm
 
 def tiny_encoder() -> LitEncoder:
     cfg = LitConfig(text_tower="tiny", image_tower="tiny", image_size=32, embed_dim=16, epochs=1, batch_size=8, lr=1e-3,
-                    weight_decay=0.0, head_layers=2, logit_scale=100.0, learn_logit_scale=False)  # fmt: skip
+                    weight_decay=0.0, head_layers=2, logit_scale=100.0, learn_logit_scale=False)
     return LitEncoder(cfg, seed=0)
 
 
@@ -128,7 +128,7 @@ def test_grid_stage_writes_the_cells_of_every_image_an_mllm_reads(tiny_repo, tmp
 @pytest.mark.slow
 def test_a_text_stage_1_cannot_have_grid_input(tiny_repo, tmp_path):
     result = _invoke(tiny_repo, "pretrain", "--params", _grid_params(tiny_repo, tmp_path, source="aligned"),
-                     "--out", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "ckpt"))  # fmt: skip
+                     "--out", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "ckpt"))
     assert result.exit_code == 2 and "model.visual_input: grid needs images in stage 1" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -142,7 +142,7 @@ def test_paired_grid_with_ross_trains_both_stages_and_evaluates(tiny_repo, tmp_p
     assert _invoke(tiny_repo, "visual", "--params", params, "--out", grid, "--metrics", str(tmp_path / "g.json")).exit_code == 0
     common = ["--params", params, "--visual", grid]
     stage1 = _invoke(tiny_repo, "pretrain", *common, "--out", str(tmp_path / "pre"), "--checkpoints", str(tmp_path / "c1"),
-                     "--metrics", str(tmp_path / "p.json"), "--loss-plot", str(tmp_path / "p.csv"))  # fmt: skip
+                     "--metrics", str(tmp_path / "p.json"), "--loss-plot", str(tmp_path / "p.csv"))
     assert stage1.exit_code == 0, stage1.output[-2000:]
     config = checkpoint_config(tmp_path / "pre")
     assert config.visual == GridInput(side=2, channels=json.loads((tmp_path / "grid" / "visual_input.json").read_text())["channels"])
@@ -150,7 +150,7 @@ def test_paired_grid_with_ross_trains_both_stages_and_evaluates(tiny_repo, tmp_p
     assert ross["denoiser"]["grid"] == 2  # one target per visual token
     stage2 = _invoke(tiny_repo, "finetune", *common, "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "fin"),
                      "--checkpoints", str(tmp_path / "c2"), "--metrics", str(tmp_path / "f.json"),
-                     "--loss-plot", str(tmp_path / "f.csv"))  # fmt: skip
+                     "--loss-plot", str(tmp_path / "f.csv"))
     assert stage2.exit_code == 0, stage2.output[-2000:]
     # chat reads the image as the checkpoint was trained to: its grid features, as the grid stage wrote them
     image = tiny_repo / "data" / "prepared" / pd.read_parquet(tiny_repo / "data" / "prepared" / "eval.parquet")["image"].iloc[0]
@@ -179,7 +179,7 @@ def test_paired_grid_with_ross_trains_both_stages_and_evaluates(tiny_repo, tmp_p
     "visual, tokens, side",
     [(PooledInput(dim=16, tokens=4), 4, 2), (PooledInput(dim=16, tokens=3), 3, None), (GridInput(side=3, channels=8), 9, 3),
      (PixelsInput(image_size=16, patch=4), 16, 4)],
-)  # fmt: skip
+)
 def test_each_visual_input_records_its_geometry_and_reads_back_the_same(visual, tokens, side):
     assert (visual.tokens, visual.side) == (tokens, side)
     fields = visual.fields
@@ -190,7 +190,7 @@ def test_each_visual_input_records_its_geometry_and_reads_back_the_same(visual, 
 
 def _row_width(visual) -> int:
     return {"pooled": lambda: visual.dim, "grid": lambda: visual.tokens * visual.channels,
-            "pixels": lambda: 3 * visual.image_size**2}[visual.kind]()  # fmt: skip
+            "pixels": lambda: 3 * visual.image_size**2}[visual.kind]()
 
 
 def test_a_checkpoint_config_without_its_geometry_is_refused_not_guessed():

@@ -21,13 +21,13 @@ SIZE, PATCH = 16, 8  # 4 image tokens
 
 def vora_cfg(**changes) -> VoraConfig:
     values = dict(image_size=SIZE, patch=PATCH, lora_r=4, lora_alpha=4, blocks=1, teacher="tiny", teacher_size=32,
-                  distill_weight=1.0, distill_offset=0, attention="bidirectional", finetune_lm=True, text_share=0.0)  # fmt: skip
+                  distill_weight=1.0, distill_offset=0, attention="bidirectional", finetune_lm=True, text_share=0.0)
     return VoraConfig(**{**values, **changes})
 
 
 def pixels_model(lm_dir, cfg: VoraConfig, lora: bool = True, seed: int = 0):
     model_cfg = ModelConfig(lm=str(lm_dir), visual_input="pixels", visual_tokens=4, grid=4, trust_remote_code=False,
-                            system_prompt=None, seed=seed)  # fmt: skip
+                            system_prompt=None, seed=seed)
     torch.manual_seed(seed)
     visual = PixelsInput(cfg.image_size, cfg.patch)
     model = new_mllm(lm_dir, model_cfg, visual, pixel_identity(cfg.image_size), 64, cfg.attention)
@@ -132,7 +132,7 @@ def test_distillation_learns_and_its_gradient_reaches_lora_and_patches_never_the
 def _text_only(n: int) -> list:
     texts = ["a grey disc on the left", "a pair of trousers"]
     return [[{"from": "human", "value": "Write a short caption for a picture."}, {"from": "gpt", "value": texts[i % 2]}]
-            for i in range(n)]  # fmt: skip
+            for i in range(n)]
 
 
 def test_text_only_samples_have_the_lm_loss_only_and_never_read_their_pixels(tiny_lm_dir):
@@ -284,7 +284,7 @@ def test_vora_trains_both_stages_and_evaluates_and_chats_from_pixels(tiny_repo, 
     assert torch.allclose(torch.from_numpy(rows.load()[0]), PixelRows(SIZE).encode_images([read_image(image, str(image))])[0])
     common = ["--params", params, "--visual", pixels]
     stage1 = _invoke(tiny_repo, "pretrain", *common, "--out", str(tmp_path / "pre"), "--checkpoints", str(tmp_path / "c1"),
-                     "--metrics", str(tmp_path / "p.json"), "--loss-plot", str(tmp_path / "p.csv"))  # fmt: skip
+                     "--metrics", str(tmp_path / "p.json"), "--loss-plot", str(tmp_path / "p.csv"))
     assert stage1.exit_code == 0, stage1.output[-2000:]
     from revision.config import load_stage_config
 
@@ -297,7 +297,7 @@ def test_vora_trains_both_stages_and_evaluates_and_chats_from_pixels(tiny_repo, 
     assert (tmp_path / "pre" / "adapter").is_dir() and not (tmp_path / "pre" / "vora").exists()  # heads dropped
     stage2 = _invoke(tiny_repo, "finetune", *common, "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "fin"),
                      "--checkpoints", str(tmp_path / "c2"), "--metrics", str(tmp_path / "f.json"),
-                     "--loss-plot", str(tmp_path / "f.csv"))  # fmt: skip
+                     "--loss-plot", str(tmp_path / "f.csv"))
     assert stage2.exit_code == 0, stage2.output[-2000:]
     with contextlib.chdir(tiny_repo):  # the checkpoints record the base LM as the stage saw it: data/lm
         merged, finetuned = load_mllm(tmp_path / "pre"), load_mllm(tmp_path / "fin")
@@ -310,7 +310,7 @@ def test_vora_trains_both_stages_and_evaluates_and_chats_from_pixels(tiny_repo, 
     metrics = tmp_path / "e" / "metrics.json"
     done = _invoke(tiny_repo, "evaluate", "--params", params, "--predictions", str(tmp_path / "e"), "--metrics", str(metrics),
                    "--visual", pixels, "--checkpoints", str(tmp_path / "pre"), "--checkpoints", str(tmp_path / "fin"),
-                   "--checkpoints", "data/finetune")  # fmt: skip
+                   "--checkpoints", "data/finetune")
     assert done.exit_code == 0, done.output[-2000:]
     scores = json.loads(metrics.read_text())
     assert set(scores) == {"pre", "fin", "finetune"} and "cider" in scores["fin"]

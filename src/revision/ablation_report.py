@@ -21,7 +21,7 @@ from revision.study import (
     resolution,
     summarize,
     within_noise,
-)  # fmt: skip
+)
 
 PAPER_TEXT = (
     "no alignment 47.50, C3 48.06, anchor only 46.68, anchor + trace 48.67, full ReAlign 50.16, no stage 1 "
@@ -106,12 +106,12 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
             "plain: " + "/".join(run["conditions"]) if run.get("conditions") else "",
             "stress: " + "/".join(run["stress_conditions"]) if run.get("stress_conditions") and run.get("stress_shift") else "",
             "existence: " + "/".join(run["existence_conditions"]) if run.get("existence_conditions") else "",
-        ]))  # fmt: skip
+        ]))
         # one line per run of `revision study` ("Grid run" as reports/ablation.md has always said it)
         lines.append(f"Grid run{' started ' + run['started'] if run.get('started') else ''}: {run['experiments']} "
                      f"experiments{' (' + what + ')' if what else ''} in {run['wall_s'] / 60:.1f} min, {run['jobs']} at "
                      f"a time; dvc exit code {run['dvc_exit_code']}"
-                     f"{'; without a result: ' + ', '.join(run['without_result']) if run.get('without_result') else ''}.")  # fmt: skip
+                     f"{'; without a result: ' + ', '.join(run['without_result']) if run.get('without_result') else ''}.")
     if runs:
         lines.append("")
     finished = sorted(r.finished for r in results if r.finished)
@@ -121,7 +121,7 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
     if len(builds) > 1:
         counts = ", ".join(f"{build} ({n} experiments)" for build, n in sorted(builds.items()))
         lines += [f"The experiments ran on {len(builds)} builds of the encoder, trained from the same params (the "
-                  f"floating-point results of its training differ between machines): {counts}.", ""]  # fmt: skip
+                  f"floating-point results of its training differ between machines): {counts}.", ""]
     missing = [f"{w + '-' if w else ''}{c}" for (w, c), rs in groups.items() if len(rs) < len(seeds)]
     if missing:
         lines += [f"Conditions with fewer seeds than the others: {', '.join(sorted(missing))}.", ""]

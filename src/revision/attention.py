@@ -42,7 +42,7 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def greedy_decode(
     lm: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
     eos_token_id: int, pad_token_id: int,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Greedy new tokens [B, <= max_new_tokens] for left-padded prompts: one forward over the prompts with the
     4-D ``mask``, then one cached step per token; rows that have ended get ``pad_token_id``."""
     position = positions(attention_mask)
@@ -59,6 +59,6 @@ def greedy_decode(
         keys = torch.cat([keys, torch.ones_like(keys[:, :1])], dim=1)
         step = additive_mask(keys.bool()[:, None, :], inputs_embeds.dtype)
         output = lm(input_ids=token[:, None], attention_mask=step, position_ids=next_position,
-                    past_key_values=output.past_key_values, use_cache=True)  # fmt: skip
+                    past_key_values=output.past_key_values, use_cache=True)
         next_position = next_position + 1
     return torch.stack(tokens, dim=1)

@@ -62,7 +62,7 @@ TEXTURE_WORDS = {
 }
 # A garment caption is an opener and a body, so tone, texture and extent combine freely with the wording.
 GARMENT_OPENERS = ["A", "A photo of a", "An image of a", "A picture of a", "Product shot: a", "A grayscale photo of a",
-                   "Here is a", "This shows a"]  # fmt: skip
+                   "Here is a", "This shows a"]
 GARMENT_BODIES = [
     "{texture} {tone} {garment}, {extent}.",
     "{tone} {garment} with a {texture} look, {extent}.",

@@ -140,7 +140,7 @@ class ModelConfig(Strict):
     )
     visual_tokens: int = Field(ge=1, description="prefix tokens the projector makes from one pooled embedding")
     grid: int = Field(ge=1, description="with visual_input: grid, the tower's feature map is average-pooled to "
-                      "grid x grid cells, one visual token each")  # fmt: skip
+                      "grid x grid cells, one visual token each")
     trust_remote_code: bool = Field(description="allow custom model code from a local LM folder")
     system_prompt: str | None = Field(
         description="system turn for every sample; null keeps the chat template's own (SmolLM2's costs ~20 tokens)"
@@ -370,7 +370,8 @@ def apply_profile(profile: str | Path, params: str | Path = "params.yaml") -> di
     yaml_rt.preserve_quotes = True
     yaml_rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     tree = yaml_rt.load(Path(params).read_text())
-    merge_into(tree, read_params(profile))
+    # a profile's study block drives `revision study`, not the pipeline: it never enters params.yaml
+    merge_into(tree, {block: values for block, values in read_params(profile).items() if block != "study"})
     with Path(params).open("w") as out:
         yaml_rt.dump(tree, out)
     return read_params(params)

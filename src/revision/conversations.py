@@ -78,7 +78,7 @@ def pieces(
     if sum(piece.is_image for piece in runs) != image:
         wanted = "exactly one" if image else "no"
         raise InputError(f"a conversation {'with' if image else 'without'} an image needs {wanted} "
-                         f"{image_token!r} placeholder: {messages}")  # fmt: skip
+                         f"{image_token!r} placeholder: {messages}")
     return runs
 
 
@@ -119,7 +119,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 def collate(
     samples: list[list[Piece]], prefixes: torch.Tensor, embed_tokens: Callable[[torch.Tensor], torch.Tensor],
     pad_id: int, max_length: int | None, pad_left: bool,
-) -> MLLMBatch:  # fmt: skip
+) -> MLLMBatch:
     """One batch of rendered samples, each with its visual prefix; ``embed_tokens`` is the LM's input embedding."""
     device = prefixes.device
     rows = [_sample_row(runs, prefix, embed_tokens, max_length) for runs, prefix in zip(samples, prefixes)]

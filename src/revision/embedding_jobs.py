@@ -70,7 +70,7 @@ def _stress(jobs: list[EmbedJob], partial: Path, amount: float, accelerator: Acc
         vectors = EmbeddingSet(partial / text.name).load()
         direction = class_direction(vectors, text.labels)
         record = {"shift": amount, "direction_from": text.name,
-                  "class_positions": class_spread(vectors, text.labels, direction), "direction": direction.tolist()}  # fmt: skip
+                  "class_positions": class_spread(vectors, text.labels, direction), "direction": direction.tolist()}
         (partial / STRESS_FILE).write_text(json.dumps(record, indent=1))
     direction = broadcast_object_list([direction])[0]
     return lambda vectors: shift_images(vectors, direction, amount)

@@ -45,7 +45,7 @@ class EmbeddingWriter:
 
     def __init__(
         self, directory: str | Path, encoder: dict, dim: int, shard_size: int = 4096, done_ids: list[str] = (), tokens: int = 1
-    ):  # fmt: skip
+    ):
         if len(done_ids) % shard_size:
             raise ValueError(f"{len(done_ids)} finished rows are not whole shards of {shard_size}")
         self.dir = Path(directory)

@@ -62,7 +62,7 @@ class TextTower(FrozenTower):
         else:
             torch.manual_seed(seed)
             config = BertConfig(vocab_size=self.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
             self.model = BertModel(config, add_pooling_layer=False)
         self.dim = self.model.config.hidden_size
         self.eval()
@@ -82,7 +82,7 @@ class TinyConvNet(nn.Module):
             nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -212,7 +212,7 @@ def garment_named(caption: str) -> str | None:
 
 def garment_accuracy(images: Sequence[EvalImage], captions: Sequence[str]) -> dict[str, float]:
     hits = [garment_named(c) == image.attrs.get("class_name") for image, c in zip(images, captions)
-            if image.source == "fashion_mnist"]  # fmt: skip
+            if image.source == "fashion_mnist"]
     return {"garment_acc": _mean(hits)} if hits else {}
 
 
@@ -449,7 +449,7 @@ def caption_rows(
     rows = []
     for index, (image, caption) in enumerate(zip(images, captions)):
         row = {"id": image.id, "kind": "caption", "prompt": prompt, "prediction": caption,
-               "references": image.captions, "correct": None}  # fmt: skip
+               "references": image.captions, "correct": None}
         row.update({f"ranked_{probe}": chosen[index] for probe, chosen in picks.items() if index in chosen})
         if image.source == "fashion_mnist":
             named = garment_named(caption)
@@ -464,7 +464,7 @@ def question_rows(images: Sequence[EvalImage], questions: Sequence[Question], an
         rows.append({
             "id": images[question.image].id, "kind": question.kind, "type": question.type, "prompt": question.text,
             "prediction": answer, "reference": question.answer, "correct": is_correct(question, answer),
-        })  # fmt: skip
+        })
     return rows
 
 

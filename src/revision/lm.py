@@ -86,7 +86,7 @@ def tiny_lm(out_dir: str | Path, seed: int = 0, tokenizer_source: str | Path | N
         # move the loss and tiny runs would show no learning.
         initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     return _save(LlamaForCausalLM(config).float(), tokenizer, Path(out_dir))
 

@@ -51,7 +51,7 @@ class RevisionModel(lmms):
 
         if unknown:
             raise InputError(f"revision model: unknown --model_args {sorted(unknown)}; it takes pretrained, encoder, "
-                             "batch_size, max_new_tokens, device")  # fmt: skip
+                             "batch_size, max_new_tokens, device")
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         self._device = torch.device(device) if device and self._world_size == 1 else self.accelerator.device
@@ -123,7 +123,7 @@ class RevisionModel(lmms):
             visuals = doc_to_visual(self.task_dict[task][split][doc_id])
             if len(visuals) != 1:
                 raise InputError(f"{task} ({split}) doc {doc_id}: the revision model reads one image per prompt, "
-                                 f"got {len(visuals)}")  # fmt: skip
+                                 f"got {len(visuals)}")
             images.append(visuals[0].convert("RGB"))
         return self.encoder.encode_images(images)
 

@@ -46,12 +46,12 @@ def task_docs(prepared: Path, cfg: EvaluateConfig) -> dict[str, list[dict]]:
     docs: dict[str, list[dict]] = {"revision_vqa": [], "revision_pope": [], "revision_ranked": []}
     for question in eval_questions(images, cfg):
         doc = {"id": images[question.image].id, "image": paths[question.image], "question": question.text,
-               "answer": question.answer, "type": question.type}  # fmt: skip
+               "answer": question.answer, "type": question.type}
         docs[f"revision_{question.kind}"].append(doc)
     for probe in RANKED_PROBES:
         for pair in ranked_pairs(images, probe, cfg.seed):
             docs["revision_ranked"].append({"id": images[pair.image].id, "image": paths[pair.image], "probe": probe,
-                                            "choices": list(pair.captions), "truth": pair.truth, "other": pair.other})  # fmt: skip
+                                            "choices": list(pair.captions), "truth": pair.truth, "other": pair.other})
     return docs
 
 
@@ -64,7 +64,7 @@ def task_configs(data_dir: Path, cfg: EvaluateConfig) -> dict[str, dict]:
             "doc_to_visual": Function("doc_to_visual"), "doc_to_text": Function("doc_to_text"),
             "metric_list": [{"metric": m, "aggregation": a, "higher_is_better": True} for m, a in metrics],
             "metadata": [{"version": 1.0}], **extra,
-        }  # fmt: skip
+        }
 
     generation = {"max_new_tokens": answer_budget(cfg), "do_sample": False, "temperature": 0, "num_beams": 1}
     return {
@@ -78,7 +78,7 @@ def task_configs(data_dir: Path, cfg: EvaluateConfig) -> dict[str, dict]:
                                 doc_to_choice=Function("ranked_choices"), doc_to_target=0, target_delimiter="",
                                 process_results=Function("ranked_results")),
         GROUP: {"group": GROUP, "task": ["revision_vqa", "revision_pope", "revision_ranked"]},
-    }  # fmt: skip
+    }
 
 
 UTILS = '''"""Written by `revision lmms-task`: the task YAMLs' functions live in the installed package."""

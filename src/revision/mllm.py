@@ -136,7 +136,7 @@ class MLLM(nn.Module):
             output = self.lm.generate(
                 inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
                 do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos,
-            )  # fmt: skip
+            )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
     def _pieces(self, conversation: Conversation, generation_prompt: bool = False, image: bool = True):
@@ -186,7 +186,7 @@ def new_mllm(lm_dir: Path, model_cfg: ModelConfig, visual: VisualInput, encoder:
     config = MLLMConfig(
         visual=visual, image_attention=attention, encoder=encoder, system_prompt=model_cfg.system_prompt,
         max_length=max_length, base_lm=lm_identity(folder),
-    )  # fmt: skip
+    )
     return MLLM(lm, tokenizer, config)
 
 

@@ -116,7 +116,7 @@ def build_tables(splits: dict[str, list[Item]], cfg: PrepareConfig, rng: random.
             "captions": distinct_captions(item, cfg.eval_captions, rng),
             "questions": json.dumps(questions(item, rng)),
             **_labels(item),
-        })  # fmt: skip
+        })
     return tables
 
 

@@ -118,7 +118,7 @@ class Denoiser(nn.Module):
 def denoising_loss(
     denoiser: Denoiser, schedule, targets: torch.Tensor, hidden: torch.Tensor, repeat: int = 1,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """MSE between the noise added to ``targets`` and the denoiser's prediction of it, each image ``repeat``
     times with its own timestep and noise."""
     targets, hidden = targets.repeat_interleave(repeat, 0), hidden.repeat_interleave(repeat, 0)
@@ -203,7 +203,7 @@ class Ross(Objective):
     def __init__(
         self, mllm: MLLM, build_mllm: Callable[[], MLLM], denoiser: Denoiser, settings: dict[str, Any],
         mean: torch.Tensor, std: torch.Tensor,
-    ):  # fmt: skip
+    ):
         super().__init__(mllm, build_mllm)
         self.denoiser, self.settings = denoiser.to(mllm.device), settings
         self.register_buffer("target_mean", mean.to(mllm.device))
@@ -252,12 +252,12 @@ def attach_ross(
     grid = mllm.config.visual.side
     if grid is None:
         raise InputError(f"Ross reconstructs one target per visual token on a square grid: model.visual_tokens "
-                         f"must be a square (4, 9, 16, ...), got {mllm.config.visual.tokens}")  # fmt: skip
+                         f"must be a square (4, 9, 16, ...), got {mllm.config.visual.tokens}")
     tokenizer = TargetTokenizer(grid, cfg.target)
     targets = target_tokens(tokenizer, samples.images, where)
     hidden_size = mllm.lm.get_input_embeddings().embedding_dim
     shape = {"target_dim": tokenizer.dim, "hidden_size": hidden_size, "grid": grid, "width": cfg.width,
-             "depth": cfg.depth, "heads": cfg.heads}  # fmt: skip
+             "depth": cfg.depth, "heads": cfg.heads}
     settings = {**cfg.model_dump(), "denoiser": shape}
     denoiser, stats = Denoiser(**shape), None
     kept = _previous_denoiser(previous, settings) if previous is not None else None

@@ -19,7 +19,7 @@ from revision.errors import InputError
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
-]  # fmt: skip
+]
 EASYVQA_COLOURS = {"red", "green", "blue", "yellow", "teal", "brown", "black", "gray"}
 EASYVQA_SHAPES = {"circle", "rectangle", "triangle"}
 

@@ -45,7 +45,7 @@ CONDITIONS: dict[str, dict[str, object]] = {
 }
 # what a condition is compared with; others: "full"
 REFERENCE = {"paired_ross": "paired", "full_ross": "full", "paired_grid": "paired", "paired_grid_ross": "paired_grid",
-             "vora": "paired_grid", "vora_nodistill": "vora", "vora_causal": "vora"}  # fmt: skip
+             "vora": "paired_grid", "vora_nodistill": "vora", "vora_causal": "vora"}
 # The conditions each world runs by default (`revision study --stress-conditions` etc. pick others): part of
 # what the worlds are, as the report's world tables compare them, not params.
 STRESS_CONDITIONS = ("raw", "anchor", "anchor_trace", "full")
@@ -63,7 +63,7 @@ LABELS = {
     "paired_grid": "paired images, grid tokens", "paired_grid_ross": "paired images, grid tokens + Ross (both stages)",
     "vora": "VoRA (pixels, vision LoRA, distilled)", "vora_nodistill": "VoRA without distillation",
     "vora_causal": "VoRA with a causal mask",
-}  # fmt: skip
+}
 # The paper's 11-benchmark averages (no number for mean shift); ReVision-2M text vs 1M pairs for "paired".
 PAPER = {"raw": 47.50, "c3": 48.06, "anchor": 46.68, "anchor_trace": 48.67, "full": 50.16, "none": 43.58, "paired": 48.91}
 TABLES = {
@@ -72,11 +72,11 @@ TABLES = {
     "What stage 1 trains on (cf. Tables 2 and 6)": ("none", "paired", "raw", "full"),
     "Ross's reconstruction loss (with and without)": (
         "paired", "paired_grid", "paired_grid_ross", "paired_ross", "full", "full_ross"
-    ),  # fmt: skip
+    ),
     "VoRA, encoder-free (against the encoder with grid tokens)": ("paired_grid", "vora", "vora_nodistill", "vora_causal"),
 }
 DOWNSTREAM = ("caption_nll", "image_gain", "rank_garment_acc", "rank_colour_acc", "rank_shape_acc", "garment_acc",
-              "cider", "pope_acc", "pope_f1", "pope_yes_ratio", "vqa_acc")  # fmt: skip
+              "cider", "pope_acc", "pope_f1", "pope_yes_ratio", "vqa_acc")
 LOWER_IS_BETTER = {"caption_nll", "centroid_gap"}
 GAP = {  # column -> (section of reports/realign/metrics.json, key) for the aligned text
     "centroid_gap": ("after", "centroid_gap"),
@@ -87,7 +87,7 @@ GAP = {  # column -> (section of reports/realign/metrics.json, key) for the alig
 }
 HEADLINE = (("pretrain", "caption_nll"), ("pretrain", "image_gain"), ("pretrain", "rank_garment_acc"),
             ("finetune", "caption_nll"), ("finetune", "image_gain"), ("finetune", "rank_garment_acc"),
-            ("finetune", "cider"), ("finetune", "vqa_acc"), ("finetune", "pope_acc"), ("finetune", "pope_f1"))  # fmt: skip
+            ("finetune", "cider"), ("finetune", "vqa_acc"), ("finetune", "pope_acc"), ("finetune", "pope_f1"))
 EVALUATION = EVALUATE_METRICS.as_posix()  # the keys of `dvc exp show --json` metrics
 NAME = re.compile(rf"^study-(?:(?P<world>{'|'.join(WORLDS)})-)?(?P<condition>[a-z_0-9]+)-s(?P<seed>\d+)$")
 
@@ -116,7 +116,7 @@ def study_experiments(seeds: Sequence[int], profile: dict[str, object], worlds: 
     # distilled at weight 1 and bidirectional. Not params: saved results are merged by experiment name, so a
     # condition must mean the same in every session, whatever params.yaml says.
     unset = {"realign.method": "realign", "model.visual_input": "pooled", **{s: True for s in SWITCHES},
-             **{r: False for r in ROSS}, "vora.distill_weight": 1.0, "vora.attention": "bidirectional"}  # fmt: skip
+             **{r: False for r in ROSS}, "vora.distill_weight": 1.0, "vora.attention": "bidirectional"}
     experiments = []
     for seed in seeds:
         for world in worlds:

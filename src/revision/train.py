@@ -222,7 +222,7 @@ def train_and_save(setup: TrainingSetup, run: StageRun, outputs: StageOutputs) -
         model, history = train(
             model, samples, collate, lambda m, batch: m(batch), loop_config(cfg), accelerator, outputs.checkpoints,
             setup.run_id, run.log_metrics, samples.lengths(), groups,
-        )  # fmt: skip
+        )
     state = accelerator.get_state_dict(model)  # every process takes part: sharded weights are gathered here
     summary = {**setup.extra, "samples": len(samples) if samples is not None else 0, **loss_summary(history)}
     run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -43,7 +43,7 @@ class EmbeddingConversations(Dataset):
     def __init__(
         self, vectors: np.ndarray, conversations: list[list[dict[str, str]]],
         images: list[tuple[int, Path]] | None = None,
-    ):  # fmt: skip
+    ):
         if len(vectors) != len(conversations):
             raise ValueError(f"{len(vectors)} embeddings for {len(conversations)} conversations")
         self.vectors, self.conversations = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)), conversations
@@ -127,7 +127,7 @@ STAGE1_SOURCES: dict[str, tuple[Callable[[Path, Path], Path], Manifest, str]] = 
 def stage1_samples(
     source: str, prepared: Path, embeddings: Path, realign: Path, max_samples: int | None, seed: int,
     visual: Path | None = None,
-) -> tuple[EmbeddingConversations | None, EmbeddingSet]:  # fmt: skip
+) -> tuple[EmbeddingConversations | None, EmbeddingSet]:
     """Stage 1's samples for ``pretrain.source`` (None for ``none``) and the embedding set they come from (its
     encoder, and its shape for a new projector). ``visual``: read the paired images' rows from this folder (the
     visual stage's: grid features or pixels) instead of their pooled embeddings; only paired or none sources."""
@@ -147,7 +147,7 @@ def with_text_only(samples: EmbeddingConversations, prepared: Path, share: float
     wanted = round(len(samples) * share / (1 - share))
     if wanted > len(table):
         raise InputError(f"{prepared / TEXT_CORPUS.file}: a text share of {share} next to {len(samples)} image samples "
-                         f"needs {wanted} texts; the corpus has {len(table)}")  # fmt: skip
+                         f"needs {wanted} texts; the corpus has {len(table)}")
     texts = table["text"].iloc[subsample(len(table), wanted, seed)]
     rng = random.Random(seed)
     conversations = [

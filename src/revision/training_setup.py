@@ -55,10 +55,10 @@ def refuse_impossible(
     """An ``InputError`` naming the params for a combination that cannot work."""
     if pretrain is not None and pretrain.ross and pretrain.source != "paired":
         raise InputError(f"{params}: pretrain.ross needs pretrain.source: paired; a {pretrain.source!r} stage 1 has no "
-                         f"image to reconstruct (add Ross in stage 2 with finetune.ross instead)")  # fmt: skip
+                         f"image to reconstruct (add Ross in stage 2 with finetune.ross instead)")
     if pretrain is not None and not TYPES[visual_input].text_stands_in and pretrain.source not in ("paired", "none"):
         raise InputError(f"{params}: model.visual_input: {visual_input} needs images in stage 1 (pretrain.source: "
-                         f"paired or none); {pretrain.source!r} text has pooled embeddings only")  # fmt: skip
+                         f"paired or none); {pretrain.source!r} text has pooled embeddings only")
     ross = (pretrain is not None and pretrain.ross) or (finetune is not None and finetune.ross)
     if ross and visual_input == PixelsInput.kind:
         which = "pretrain.ross" if pretrain is not None else "finetune.ross"
@@ -88,7 +88,7 @@ def pretrain_setup(params: Path, inputs: Inputs) -> TrainingSetup:
         samples = with_text_only(samples, inputs.prepared, vora_cfg.text_share, cfg.seed)
     attention = vora_cfg.attention if vora_cfg else "causal"
     build = functools.partial(_stage1_mllm, inputs.lm, model_cfg, visual, vectors.encoder, cfg.max_length, attention,
-                              vora_cfg if samples is not None else None)  # fmt: skip
+                              vora_cfg if samples is not None else None)
     mllm = build()
     if cfg.ross:
         objective = attach_ross(mllm, build, samples, ross_cfg, inputs.prepared / layout.PRETRAIN_PAIRS.file)
@@ -97,13 +97,13 @@ def pretrain_setup(params: Path, inputs: Inputs) -> TrainingSetup:
     else:
         objective = LanguageModeling(mllm, build)
     dumps = (cfg.model_dump(), model_cfg.model_dump(), ross_cfg.model_dump() if ross_cfg else None,
-             vora_cfg.model_dump() if vora_cfg else None, vectors.encoder, samples.digest() if samples else None)  # fmt: skip
+             vora_cfg.model_dump() if vora_cfg else None, vectors.encoder, samples.digest() if samples else None)
     logged = blocks_of(params, "pretrain", "model", *(["ross"] if cfg.ross else []), *(["vora"] if vora_cfg else []))
     return TrainingSetup(cfg, accelerator, objective, samples, fingerprint(*dumps), logged, {"source": cfg.source})
 
 
 def _stage1_mllm(lm: Path, model_cfg: ModelConfig, visual, encoder: dict, max_length: int, attention: str,
-                 vora: VoraConfig | None) -> MLLM:  # fmt: skip
+                 vora: VoraConfig | None) -> MLLM:
     """A new MLLM with its LM frozen; a VoRA model (``vora`` given) with its vision LoRA."""
     model = freeze_lm(new_mllm(lm, model_cfg, visual, encoder, max_length, attention))
     return add_vision_lora(model, vora) if vora is not None else model

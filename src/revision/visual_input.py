@@ -120,14 +120,14 @@ def _visual_rows(visual: Path, name: str, kind: str) -> EmbeddingSet:
     if not (visual / name / "index.json").is_file():
         what = "grid features" if kind == "grid" else "pixel rows"
         raise InputError(f"{visual / name}: no {what} for a {kind} model; set model.visual_input: {kind} and run "
-                         f"`revision visual`")  # fmt: skip
+                         f"`revision visual`")
     return EmbeddingSet(visual / name)
 
 
 def _geometry(fields: dict[str, Any], name: str) -> int:
     if name not in fields:
         raise InputError(f"mllm.json: a {fields['visual_input']} model without its {name!r} (written by an older "
-                         f"version: re-run the training stages)")  # fmt: skip
+                         f"version: re-run the training stages)")
     return fields[name]
 
 
@@ -197,7 +197,7 @@ class GridInput:
         if (vectors.tokens, vectors.dim) != (self.tokens, self.tokens * self.channels):
             raise InputError(f"{vectors.dir}: {vectors.tokens} cells of {vectors.dim // vectors.tokens} channels per image, "
                              f"but the model reads {self.tokens} of {self.channels}; re-run `revision visual` "
-                             f"with the model's settings")  # fmt: skip
+                             f"with the model's settings")
         return vectors
 
     def reader(self, encoder_dir: Path, trained_on: dict, where: str, fix: str, device="cpu") -> nn.Module:
@@ -213,7 +213,7 @@ class GridInput:
     def from_params(cls, model: Any, vora: Any, rows: EmbeddingSet) -> GridInput:
         if rows.tokens != model.grid**2:
             raise InputError(f"{rows.dir}: holds {rows.tokens} cell(s) per image, model.grid asks for {model.grid} x "
-                             f"{model.grid}; re-run `revision visual`")  # fmt: skip
+                             f"{model.grid}; re-run `revision visual`")
         return cls(model.grid, rows.dim // rows.tokens)
 
     @classmethod
@@ -251,7 +251,7 @@ class PixelsInput:
     def fields(self) -> dict[str, Any]:
         dim = CHANNELS * self.image_size**2
         return {"embed_dim": dim, "visual_tokens": self.tokens, "visual_input": self.kind, "image_size": self.image_size,
-                "patch": self.patch}  # fmt: skip
+                "patch": self.patch}
 
     def projector(self, hidden_size: int) -> nn.Module:
         return PatchEmbedding(self.image_size, self.patch, hidden_size)
@@ -261,7 +261,7 @@ class PixelsInput:
         if vectors.encoder != pixel_identity(self.image_size):
             raise InputError(f"{vectors.dir}: holds {vectors.encoder.get('name')}, the model reads "
                              f"{pixel_identity(self.image_size)['name']}; re-run `revision visual` with the model's "
-                             f"vora.image_size")  # fmt: skip
+                             f"vora.image_size")
         return vectors
 
     def reader(self, encoder_dir: Path, trained_on: dict, where: str, fix: str, device="cpu") -> nn.Module:
@@ -275,7 +275,7 @@ class PixelsInput:
     def from_params(cls, model: Any, vora: Any, rows: EmbeddingSet) -> PixelsInput:
         if rows.encoder != pixel_identity(vora.image_size):
             raise InputError(f"{rows.dir}: holds {rows.encoder.get('name')}, vora.image_size asks for "
-                             f"{pixel_identity(vora.image_size)['name']}; re-run `revision visual`")  # fmt: skip
+                             f"{pixel_identity(vora.image_size)['name']}; re-run `revision visual`")
         return cls(vora.image_size, vora.patch)
 
     @classmethod

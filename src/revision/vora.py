@@ -35,7 +35,7 @@ def add_vision_lora(model: MLLM, cfg: VoraConfig) -> MLLM:
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none", target_modules=list(PROJECTIONS),
         layers_to_transform=list(range(cfg.blocks)), layers_pattern="layers", task_type="CAUSAL_LM",
-    )  # fmt: skip
+    )
     model.lm = get_peft_model(model.lm, lora)
     return model
 
@@ -93,7 +93,7 @@ class Vora(Objective):
         deepest = len(self.teacher.widths) - 1 + cfg.distill_offset
         if deepest > mllm.lm.config.num_hidden_layers:
             raise InputError(f"vora: {len(self.teacher.widths)} teacher blocks from offset {cfg.distill_offset} need "
-                             f"{deepest} LM layers; the LM has {mllm.lm.config.num_hidden_layers}")  # fmt: skip
+                             f"{deepest} LM layers; the LM has {mllm.lm.config.num_hidden_layers}")
         self.heads = nn.ModuleList(
             nn.Sequential(nn.RMSNorm(hidden, eps=1e-6), nn.Linear(hidden, width)) for width in self.teacher.widths
         ).to(mllm.device)
