@@ -58,7 +58,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             loss = lambda m, b: m(b.vectors, b.conversations).loss  # noqa: E731
-            history = train(model, text, collate, loss, loop, Accelerator(cpu=True), Path(tmp), "k")
+            _, history = train(model, text, collate, loss, loop, Accelerator(cpu=True), Path(tmp), "k")
             seconds = time.perf_counter() - start
         tail = sum(r["loss"] for r in history[-10:]) / len(history[-10:])
         print(f"visual_tokens={k:3d}: {seconds / len(history):5.2f} s/step, last-10 train loss {tail:.3f}, "
