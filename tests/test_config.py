@@ -75,3 +75,12 @@ def test_a_block_dvc_rewrote_records_the_same_values():
     assert normalized_block("finetune", rewritten) == normalized_block("finetune", block)
     assert normalized_block("finetune", rewritten)["mixed_precision"] == "no"
     assert normalized_block("launch", "revision") == "revision"  # not a stage block: as it is
+
+
+def test_the_study_profile_merges_its_sizes_but_never_its_study_block(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    merged = apply_profile(ROOT / "profiles" / "study.yaml", params)
+    assert "study" in read_params(ROOT / "profiles" / "study.yaml") and "study" not in merged
+    sizes = read_params(ROOT / "profiles" / "study.yaml")["pretrain"]
+    assert all(merged["pretrain"][key] == value for key, value in sizes.items())
