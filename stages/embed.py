@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import typer
 
 from revision import layout
 from revision.config import EmbedConfig, blocks_of, describe, load_stage_config
-from revision.outputs import atomic_dir, write_json
+from revision.outputs import write_json
 from revision.tracking import stage_run
 
 NAME = "embed"
@@ -31,7 +30,7 @@ def main(
 ) -> None:
     from accelerate import Accelerator
 
-    from revision.embedding_jobs import embed_jobs, jobs_from_manifests
+    from revision.embedding_jobs import embed_into, jobs_from_manifests
     from revision.encoders import load_encoder
 
     cfg: EmbedConfig = load_stage_config(NAME, params)
@@ -39,13 +38,9 @@ def main(
     encoder, identity = load_encoder(encoder_dir)
     encoder.to(accelerator.device)
     jobs = jobs_from_manifests(prepared)
-    is_main = accelerator.is_main_process
-    with stage_run(NAME, blocks_of(params, NAME), is_main) as run:
-        with atomic_dir(out, keep_partial=True) if is_main else nullcontext(out) as tmp:
-            rates = embed_jobs(encoder, identity, jobs, tmp, cfg.batch_size, cfg.shard_size, accelerator, cfg.stress_shift)
-        rows = {f"rows_{j.name}": len(j.ids) for j in jobs}
-        run.log_metrics(rows | {f"rows_per_s_{k}": v for k, v in rates.items()})
-    if is_main:  # throughput goes to MLflow only: the DVC metrics stay identical run to run
+    with stage_run(NAME, blocks_of(params, NAME), accelerator.is_main_process) as run:
+        rows = embed_into(out, encoder, identity, jobs, cfg.batch_size, cfg.shard_size, accelerator, run, cfg.stress_shift)
+    if accelerator.is_main_process:  # throughput goes to MLflow only: the DVC metrics stay identical run to run
         write_json(metrics, {"encoder": identity, "stress_shift": cfg.stress_shift, **rows})
         typer.echo("embed: " + ", ".join(f"{j.name}={len(j.ids)}" for j in jobs))
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from revision.config import StudyConfig, describe, flatten, read_params
+from revision.config import StudyConfig, describe, flatten, read_params, validate_block
 from revision.errors import InputError
 from revision.outputs import write_json
 from revision.study import CONDITIONS, EXISTENCE_CONDITIONS, STRESS_CONDITIONS, World, queue_command, study_experiments
@@ -104,18 +104,13 @@ def main(
 def read_profile(profile: Path, overrides: dict) -> tuple[StudyConfig, dict[str, object]]:
     """The study's settings (the profile's study block, overridden by the options that are set) and the sizes
     every experiment runs with (the profile's other blocks, as ``-S`` keys)."""
-    from pydantic import ValidationError
-
     blocks = read_params(profile)
     settings = blocks.get(NAME) or {}
     if not isinstance(settings, dict):
         raise InputError(f"{profile}: '{NAME}' must be a block of settings")
     block = {**settings, **{key: value for key, value in overrides.items() if value is not None}}
-    try:
-        cfg = StudyConfig.model_validate(block)
-    except ValidationError as err:
-        problems = "; ".join(f"{NAME}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise InputError(f"{profile}: {problems} (set it in the profile's {NAME} block or pass its option)") from None
+    hint = f" (set it in the profile's {NAME} block or pass its option)"
+    cfg = validate_block(NAME, block, profile, StudyConfig, hint)
     return cfg, flatten({name: values for name, values in blocks.items() if name != NAME})
 
 

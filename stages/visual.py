@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -34,7 +33,7 @@ def main(
 ) -> None:
     from accelerate import Accelerator
 
-    from revision.embedding_jobs import embed_jobs, jobs_from_manifests
+    from revision.embedding_jobs import embed_into, jobs_from_manifests
     from revision.visual_input import stage_rows
 
     model_cfg: ModelConfig = load_stage_config("model", params)
@@ -49,16 +48,11 @@ def main(
         typer.echo(f"visual: {model_cfg.visual_input} visual input, no rows to write")
         return
     jobs = jobs_from_manifests(prepared, layout.VISUAL_SETS)
-    is_main = accelerator.is_main_process
     blocks = {"model": read_params(params)["model"], "embed": {k: embed_cfg.model_dump()[k] for k in ("batch_size", "shard_size")}}
-    with stage_run(NAME, blocks, is_main) as run:
-        with atomic_dir(out, keep_partial=True) if is_main else nullcontext(out) as tmp:
-            rates = embed_jobs(reader, identity, jobs, tmp, embed_cfg.batch_size, embed_cfg.shard_size, accelerator)
-            if is_main:
-                (tmp / layout.VISUAL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-        rows = {f"rows_{j.name}": len(j.ids) for j in jobs}
-        run.log_metrics(rows | {f"rows_per_s_{k}": v for k, v in rates.items()})
-    if is_main:
+    records = {layout.VISUAL_RECORD: json.dumps(record, indent=1) + "\n"}
+    with stage_run(NAME, blocks, accelerator.is_main_process) as run:
+        rows = embed_into(out, reader, identity, jobs, embed_cfg.batch_size, embed_cfg.shard_size, accelerator, run, records=records)
+    if accelerator.is_main_process:
         write_json(metrics, record | rows)
         sizes = ", ".join(f"{j.name}={len(j.ids)}" for j in jobs)
         typer.echo(f"visual: {json.dumps({k: v for k, v in record.items() if k != 'encoder'})}; {sizes}")

@@ -58,17 +58,22 @@ def save_mllm(model: MLLM, out_dir: str | Path, self_contained: bool = False) ->
 
 def checkpoint_config(checkpoint: Path) -> MLLMConfig:
     """A checkpoint's mllm.json, read without loading the model (so a mismatch fails before any is loaded)."""
+    return MLLMConfig.from_dict(_config_values(checkpoint))
+
+
+def _config_values(checkpoint: Path) -> dict:
     config_path = checkpoint / CONFIG_FILE
     if not config_path.is_file():
         raise InputError(f"{checkpoint} is not an MLLM folder (no {CONFIG_FILE})")
-    return MLLMConfig.from_dict(json.loads(config_path.read_text()))
+    return json.loads(config_path.read_text())
 
 
 def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
     """The whole model a checkpoint describes: its own ``lm/``, or its base LM (checked against the recorded
     digest) with the ``adapter/`` merged in when there is one."""
     path = Path(path)
-    config = checkpoint_config(path)
+    values = _config_values(path)
+    config = MLLMConfig.from_dict(values)
     if (path / LM_DIR).is_dir():
         lm, tokenizer = load_lm(path / LM_DIR)
     else:
@@ -76,8 +81,7 @@ def load_mllm(path: str | Path, device: str | torch.device = "cpu") -> MLLM:
         if (path / ADAPTER_DIR).is_dir():
             lm = PeftModel.from_pretrained(lm, path / ADAPTER_DIR).merge_and_unload()
             config.base_lm = None  # no longer the recorded base: saved again, this LM is written whole
-    hidden_size = json.loads((path / CONFIG_FILE).read_text())["hidden_size"]
-    projector = config.visual.projector(hidden_size)
+    projector = config.visual.projector(values["hidden_size"])
     projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
     return MLLM(lm.to(device), tokenizer, config, projector)
 

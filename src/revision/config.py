@@ -296,17 +296,22 @@ def read_params(path: str | Path = "params.yaml") -> dict:
 
 def load_stage_config(stage: str, path: str | Path = "params.yaml", model: type[S] | None = None) -> S:
     """Validate the ``stage`` block of ``path`` into its typed config."""
-    model = model or STAGE_CONFIGS[stage]
     block = read_params(path).get(stage)
     if block is None:
         raise InputError(f"{path}: missing block '{stage}'")
+    return validate_block(stage, block, path, model)
+
+
+def validate_block(stage: str, block: object, path: str | Path, model: type[S] | None = None, hint: str = "") -> S:
+    """``block`` as ``stage``'s typed config; an ``InputError`` naming ``path`` and each bad key otherwise."""
+    model = model or STAGE_CONFIGS[stage]
     try:
         return model.model_validate(block)
     except ValidationError as err:
         problems = "; ".join(
             f"{stage}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         )
-        raise InputError(f"{path}: {problems}") from None
+        raise InputError(f"{path}: {problems}{hint}") from None
 
 
 def blocks_of(path: str | Path, *names: str) -> dict[str, object]:

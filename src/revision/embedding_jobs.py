@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -23,8 +24,11 @@ from revision.embedding_sets import EmbeddingSet, EmbeddingWriter, complete_shar
 from revision.encoders import batched
 from revision.images import read_rows
 from revision.layout import EMBEDDED_SETS, TEXT, EmbeddedSet, positions, read_manifest
-from revision.outputs import fingerprint
+from revision.outputs import atomic_dir, fingerprint
 from revision.stress import STRESS_FILE, class_direction, class_spread, shift_images
+
+if TYPE_CHECKING:
+    from revision.tracking import StageRun
 
 
 @dataclass
@@ -168,3 +172,21 @@ def embed_jobs(
     if accelerator.is_main_process:
         (partial / RESUME_MARKER).unlink()
     return rates
+
+
+def embed_into(
+    out: Path, encoder, identity: dict, jobs: list[EmbedJob], batch_size: int, shard_size: int,
+    accelerator: Accelerator, run: StageRun, stress_shift: float = 0.0, records: dict[str, str] | None = None,
+) -> dict[str, int]:
+    """Every job's set written into ``out`` as a whole (the main process writes; a killed run resumes), with
+    ``records`` (file name -> text) beside them; logs the rows and rows per second of each set to ``run`` and
+    returns the rows."""
+    is_main = accelerator.is_main_process
+    with atomic_dir(out, keep_partial=True) if is_main else nullcontext(out) as tmp:
+        rates = embed_jobs(encoder, identity, jobs, tmp, batch_size, shard_size, accelerator, stress_shift)
+        if is_main:
+            for name, text in (records or {}).items():
+                (tmp / name).write_text(text)
+    rows = {f"rows_{job.name}": len(job.ids) for job in jobs}
+    run.log_metrics(rows | {f"rows_per_s_{name}": rate for name, rate in rates.items()})
+    return rows

@@ -116,9 +116,9 @@ def _load_checked_encoder(encoder_dir: Path, trained_on: dict, where: str, fix: 
     return encoder.to(device)
 
 
-def _visual_rows(visual: Path, name: str, kind: str) -> EmbeddingSet:
+def _visual_rows(visual: Path, name: str, kind: str, what: str) -> EmbeddingSet:
+    """The visual stage's set ``name``: ``what`` (e.g. "grid features") a ``kind`` model reads."""
     if not (visual / name / "index.json").is_file():
-        what = "grid features" if kind == "grid" else "pixel rows"
         raise InputError(f"{visual / name}: no {what} for a {kind} model; set model.visual_input: {kind} and run "
                          f"`revision visual`")
     return EmbeddingSet(visual / name)
@@ -193,7 +193,7 @@ class GridInput:
         return GridProjector(self.channels, hidden_size, self.tokens)
 
     def rows(self, embeddings: Path, visual: Path, name: str) -> EmbeddingSet:
-        vectors = _visual_rows(visual, name, self.kind)
+        vectors = _visual_rows(visual, name, self.kind, "grid features")
         if (vectors.tokens, vectors.dim) != (self.tokens, self.tokens * self.channels):
             raise InputError(f"{vectors.dir}: {vectors.tokens} cells of {vectors.dim // vectors.tokens} channels per image, "
                              f"but the model reads {self.tokens} of {self.channels}; re-run `revision visual` "
@@ -257,7 +257,7 @@ class PixelsInput:
         return PatchEmbedding(self.image_size, self.patch, hidden_size)
 
     def rows(self, embeddings: Path, visual: Path, name: str) -> EmbeddingSet:
-        vectors = _visual_rows(visual, name, self.kind)
+        vectors = _visual_rows(visual, name, self.kind, "pixel rows")
         if vectors.encoder != pixel_identity(self.image_size):
             raise InputError(f"{vectors.dir}: holds {vectors.encoder.get('name')}, the model reads "
                              f"{pixel_identity(self.image_size)['name']}; re-run `revision visual` with the model's "
