@@ -74,10 +74,9 @@ def main(
         layout.EVALUATE_REPORTS, help="folder (replaced as a whole) of <checkpoint name>.jsonl prediction rows"
     ),
 ) -> None:
-    import torch
-
     from revision.checkpoints import checkpoint_config, load_mllm
     from revision.evaluate import CaptionScorer, check_checkpoint_encoder, evaluate_model, load_eval_set
+    from revision.precision import autocast, default_device, resolve
 
     cfg: EvaluateConfig = load_stage_config(NAME, params)
     names = checkpoint_names(checkpoints)
@@ -89,14 +88,19 @@ def main(
             by_input[images.dir] = load_eval_set(prepared, images, cfg)
         eval_sets.append(by_input[images.dir])
     metrics_inside = inside(metrics, predictions)
-    results: dict[str, dict[str, float]] = {}
+    device = default_device()
+    precision = resolve(cfg.mixed_precision, device)
+    results: dict[str, dict[str, float | str]] = {}
     with stage_run(NAME, blocks_of(params, NAME)) as run:
+        run.log_params({"precision": precision})
         with CaptionScorer() as scorer, atomic_dir(predictions) as tmp:
             for name, checkpoint, eval_set in zip(names, checkpoints, eval_sets):
-                model = load_mllm(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
-                results[name], rows = evaluate_model(model, eval_set, cfg, scorer)
+                model = load_mllm(checkpoint, device)
+                with autocast(precision, device):
+                    scores, rows = evaluate_model(model, eval_set, cfg, scorer)
+                results[name] = {**scores, "precision": precision}
                 write_jsonl(tmp / f"{name}.jsonl", rows)
-                run.log_metrics({f"{name}/{key}": value for key, value in results[name].items()})
+                run.log_metrics({f"{name}/{key}": value for key, value in scores.items()})
             if metrics_inside is not None:
                 write_json(tmp / metrics_inside, results)
         if metrics_inside is None:

@@ -70,10 +70,11 @@ def test_profile_merges_values_and_keeps_comments(tmp_path):
 def test_a_block_dvc_rewrote_records_the_same_values():
     """`dvc exp run -S` writes `mixed_precision: no` bare, which YAML 1.1 reads as false; records (MLflow
     params) must not show that as a difference."""
-    block = read_params(ROOT / "params.yaml")["finetune"]
-    rewritten = {**block, "mixed_precision": False}
-    assert normalized_block("finetune", rewritten) == normalized_block("finetune", block)
-    assert normalized_block("finetune", rewritten)["mixed_precision"] == "no"
+    for stage in ("finetune", "evaluate"):
+        block = {**read_params(ROOT / "params.yaml")[stage], "mixed_precision": "no"}
+        rewritten = {**block, "mixed_precision": False}
+        assert normalized_block(stage, rewritten) == normalized_block(stage, block)
+        assert normalized_block(stage, rewritten)["mixed_precision"] == "no"
     assert normalized_block("launch", "revision") == "revision"  # not a stage block: as it is
 
 

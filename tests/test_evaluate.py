@@ -240,7 +240,8 @@ def eval_inputs(tmp_path_factory, tiny_lm_dir) -> Path:
     write_embedding_set(root / "embeddings" / "eval_images", [row["id"] for row in rows], unit_vectors, ENCODER)
     for seed, name in enumerate(["pretrain", "finetune"]):
         make_checkpoint(tiny_lm_dir, root / "checkpoints" / name, ENCODER, seed)
-    params = {"evaluate": {"seed": 0, "max_images": 6, "max_questions": 2, "batch_size": 4, "max_new_tokens": 8}}
+    params = {"evaluate": {"seed": 0, "max_images": 6, "max_questions": 2, "batch_size": 4, "max_new_tokens": 8,
+                           "mixed_precision": "no"}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

@@ -22,7 +22,7 @@ from tests.helpers import BIN, run
 from tests.test_evaluate import eval_rows
 
 pytestmark = pytest.mark.lmms  # `make test-lmms` runs this module after installing the extra
-CFG = EvaluateConfig(seed=0, max_images=6, max_questions=2, batch_size=4, max_new_tokens=8)
+CFG = EvaluateConfig(seed=0, max_images=6, max_questions=2, batch_size=4, max_new_tokens=8, mixed_precision="no")
 
 
 def needs_lmms_eval():

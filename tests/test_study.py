@@ -319,6 +319,23 @@ def test_report_says_when_experiments_ran_on_different_encoder_builds():
     assert "builds of the encoder" not in same
 
 
+def test_comparisons_pair_only_seeds_run_on_the_same_encoder_build_and_precision():
+    experiments = [_experiment(f"study-{c}-s{s}", 0.6, 1.0) for c in ("full", "raw") for s in range(2)]
+    for experiment in experiments:
+        experiment["data"]["metrics"]["reports/encoder.json"] = {"data": {"encoder": {"id": "aaaa"}}}
+        experiment["data"]["metrics"]["reports/pretrain.json"] = {"data": {"precision": "no"}}
+    compared = render(study_results(_exp_show(experiments)), [])
+    assert "- raw text (no alignment) vs ReAlign full (ReVision): pretrain caption_nll" in compared
+    experiments[1]["data"]["metrics"]["reports/pretrain.json"] = {"data": {"precision": "bf16"}}  # full, seed 1
+    refused = render(study_results(_exp_show(experiments)), [])
+    assert ("- raw text (no alignment) vs ReAlign full (ReVision): not compared, the same seed ran on another encoder "
+            "build or precision (seed 1: encoder aaaa, precision no/no/no vs encoder aaaa, precision bf16/no/no)") in refused
+    assert "ran at 2 precisions (pretrain/finetune/evaluate; no: fp32): bf16/no/no (1 experiments), no/no/no (3" in refused
+    experiments[3]["data"]["metrics"]["reports/encoder.json"] = {"data": {"encoder": {"id": "bbbb"}}}  # raw, seed 1
+    assert "seed 1: encoder bbbb, precision no/no/no vs encoder aaaa, precision bf16/no/no" in render(
+        study_results(_exp_show(experiments)), [])
+
+
 def test_experiments_that_leave_no_result_fail_the_study_and_are_recorded(tmp_path, monkeypatch):
     """`dvc exp run --run-all` exits 0 when its experiments fail: the study must not."""
     from typer.testing import CliRunner

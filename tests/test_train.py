@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
@@ -50,10 +51,19 @@ def test_loss_goes_down(tmp_path):
 LENGTHS = [(i * 37) % 23 for i in range(64)]  # any fixed lengths: the order they give must resume too
 
 
-@pytest.mark.parametrize("make_model, lengths", [(_model, None), (_model_with_frozen_base, LENGTHS)])
-def test_interrupted_run_resumes_to_identical_weights(tmp_path, make_model, lengths):
+@pytest.fixture
+def accelerator_at(request):
+    """Accelerators at a precision: Accelerate keeps one per process, so the state is reset before and after."""
+    AcceleratorState._reset_state(True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(True))
+    return lambda precision: Accelerator(cpu=True, mixed_precision=precision)
+
+
+@pytest.mark.parametrize("make_model, lengths, precision", [(_model, None, "no"), (_model_with_frozen_base, LENGTHS, "no"),
+                                                            (_model_with_frozen_base, LENGTHS, "bf16")])
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, make_model, lengths, precision, accelerator_at):
     reference = make_model()
-    _, full = train(reference, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "a", "fp", lengths=lengths)
+    _, full = train(reference, _data(), _collate, _loss, CFG, accelerator_at(precision), tmp_path / "a", "fp", lengths=lengths)
 
     calls = {"n": 0}
 
@@ -64,11 +74,11 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, make_model, leng
         return _loss(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        train(make_model(), _data(), _collate, crashing_loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp", lengths=lengths)
+        train(make_model(), _data(), _collate, crashing_loss, CFG, accelerator_at(precision), tmp_path / "b", "fp", lengths=lengths)
     saved = load_file(tmp_path / "b" / "state" / "model.safetensors")
     assert set(saved) == {name for name, param in reference.named_parameters() if param.requires_grad}
     resumed_model = make_model()
-    _, resumed = train(resumed_model, _data(), _collate, _loss, CFG, Accelerator(cpu=True), tmp_path / "b", "fp", lengths=lengths)
+    _, resumed = train(resumed_model, _data(), _collate, _loss, CFG, accelerator_at(precision), tmp_path / "b", "fp", lengths=lengths)
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6)
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(resumed_model.state_dict()[name], tensor)

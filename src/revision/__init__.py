@@ -15,6 +15,7 @@ MODULES: dict[str, str] = {
     "errors": "InputError, the one exception type for bad user input",
     "outputs": "atomic outputs (temporary sibling renamed into place) and resume fingerprints",
     "tracking": "MLflow: one run per stage, nested under one parent run per pipeline run",
+    "precision": "what the training and scoring steps compute in: fp32, bf16 autocast, and what auto picks here",
     "encoder_identity": "the one same-encoder check every reader of vectors uses",
     # prepare
     "sources": "the bundled datasets: easy-VQA (pip) and Fashion-MNIST (Debian)",
@@ -54,6 +55,7 @@ MODULES: dict[str, str] = {
     # study
     "study": "the ablation study: DVC experiments (condition x seed) and their results",
     "ablation_report": "reports/ablation.md: the study's experiments as mean ± sd tables",
+    "paired": "seed-paired comparisons: mean difference, its CI and p-value, the smallest detectable difference",
     # outside the pipeline
     "lmms_model": "revision, an lmms-eval model: any checkpoint scored by the community harness",
     "lmms_task": "the eval split as an offline lmms-eval task group, revision_eval",

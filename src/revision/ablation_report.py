@@ -16,8 +16,10 @@ from revision.study import (
     WORLDS,
     Result,
     Summary,
+    arm,
     downstream,
     gap_metric,
+    precisions,
     resolution,
     summarize,
     within_noise,
@@ -122,6 +124,10 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
         counts = ", ".join(f"{build} ({n} experiments)" for build, n in sorted(builds.items()))
         lines += [f"The experiments ran on {len(builds)} builds of the encoder, trained from the same params (the "
                   f"floating-point results of its training differ between machines): {counts}.", ""]
+    used = Counter("/".join(precisions(r)) for r in results)
+    if len(used) > 1:
+        counts = ", ".join(f"{p} ({n} experiments)" for p, n in sorted(used.items()))
+        lines += [f"The experiments ran at {len(used)} precisions (pretrain/finetune/evaluate; no: fp32): {counts}.", ""]
     missing = [f"{w + '-' if w else ''}{c}" for (w, c), rs in groups.items() if len(rs) < len(seeds)]
     if missing:
         lines += [f"Conditions with fewer seeds than the others: {', '.join(sorted(missing))}.", ""]
@@ -167,6 +173,11 @@ def _comparisons(pairs: list[tuple], groups: dict, heading: str) -> list[str]:
         return []
     lines = [heading, ""]
     for key, reference in pairs:
+        mismatched = unpaired_arms(groups[key], groups[reference])
+        if mismatched:
+            lines.append(f"- {_label(key)} vs {_label(reference)}: not compared, the same seed ran on another encoder "
+                         f"build or precision ({'; '.join(mismatched)})")
+            continue
         parts = []
         for checkpoint, metric in HEADLINE:
             a = summarize(downstream(r, checkpoint, metric) for r in groups[key])
@@ -175,6 +186,13 @@ def _comparisons(pairs: list[tuple], groups: dict, heading: str) -> list[str]:
             parts.append(f"{checkpoint} {metric} {_difference(a, b, metric, step)}")
         lines.append(f"- {_label(key)} vs {_label(reference)}: " + "; ".join(parts))
     return lines + [""]
+
+
+def unpaired_arms(a: list[Result], b: list[Result]) -> list[str]:
+    """The seeds whose two experiments differ in encoder build or precision (``arm``): they cannot be compared."""
+    arms_a, arms_b = {r.seed: arm(r) for r in a}, {r.seed: arm(r) for r in b}
+    both = sorted(set(arms_a) & set(arms_b))
+    return [f"seed {seed}: {arms_a[seed]} vs {arms_b[seed]}" for seed in both if arms_a[seed] != arms_b[seed]]
 
 
 def _difference(a: Summary, b: Summary, metric: str, step: float) -> str:

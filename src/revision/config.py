@@ -9,10 +9,10 @@ naming the file and the key, so a typo in ``dvc exp run -S`` never passes silent
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from revision.errors import InputError
 
@@ -148,6 +148,18 @@ class ModelConfig(Strict):
     seed: int = Field(description="seeds the projector initialisation and the tiny LM")
 
 
+PRECISION_HELP = ("no (fp32) | bf16 (autocast) | fp16 (GPUs) | auto: bf16 where the CPU (AVX-512 BF16 or AMX) or GPU "
+                  "multiplies it natively, fp32 elsewhere; the precision used is recorded in the metrics")
+
+
+def _unquoted_no(value):
+    # `dvc exp run -S` rewrites params.yaml without quotes, and YAML 1.1 reads a bare `no` as false.
+    return "no" if value is False else value
+
+
+MixedPrecision = Annotated[Literal["no", "fp16", "bf16", "auto"], BeforeValidator(_unquoted_no)]
+
+
 class TrainConfig(Strict):
     seed: int = Field(description="seeds the sample order")
     epochs: float = Field(gt=0, description="passes over the samples (fractions allowed)")
@@ -158,14 +170,8 @@ class TrainConfig(Strict):
     weight_decay: float = Field(ge=0)
     warmup_ratio: float = Field(ge=0, lt=1)
     checkpoint_every: int = Field(ge=1, description="optimizer steps between resumable checkpoints")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field(description="use bf16/fp16 on GPUs that have it")
+    mixed_precision: MixedPrecision = Field(description=PRECISION_HELP)
     max_length: int = Field(ge=8, description="token budget per sample, visual tokens included")
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _unquoted_no(cls, value):
-        # `dvc exp run -S` rewrites params.yaml without quotes, and YAML 1.1 reads a bare `no` as false.
-        return "no" if value is False else value
 
 
 class PretrainConfig(TrainConfig):
@@ -250,6 +256,7 @@ class EvaluateConfig(Strict):
     max_questions: int = Field(ge=0, description="questions asked per image (seeded choice of its QAs)")
     batch_size: int = Field(ge=1, description="prompts generated together")
     max_new_tokens: int = Field(ge=1, description="longest caption; answers get a quarter of it")
+    mixed_precision: MixedPrecision = Field(description=PRECISION_HELP)
 
 
 class StudyConfig(Strict):

@@ -43,6 +43,7 @@ class MLLMConfig:
     caption_prompt: str = "Describe the image briefly."
     max_length: int | None = None  # truncate longer sequences (visual prefix included) from the right
     base_lm: dict[str, str] | None = None  # {"path", "digest"} of the LM folder the model was built on
+    precision: dict[str, str] = field(default_factory=dict)  # training stage -> what it computed in (no: fp32)
 
     def to_dict(self) -> dict[str, Any]:
         """What mllm.json holds: the visual input's fields, then the rest."""

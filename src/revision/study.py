@@ -16,7 +16,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
-from revision.layout import EVALUATE_METRICS, REALIGN_METRICS
+from revision.layout import EVALUATE_METRICS, REALIGN_METRICS, stage_metrics
 
 ALIGNED = {"pretrain.source": "aligned", "realign.method": "realign"}
 SWITCHES = ("realign.anchor", "realign.trace", "realign.centroid")
@@ -222,6 +222,27 @@ def _records(node) -> Iterable[dict]:
 def downstream(result: Result, checkpoint: str, metric: str) -> float | None:
     value = result.metrics.get(EVALUATION, {}).get(checkpoint, {}).get(metric)
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def arm(result: Result) -> str:
+    """What must match for two experiments to be compared, besides their condition: the encoder build (its
+    floating-point training differs between machines) and what each stage computed in."""
+    encoder = result.metrics.get(stage_metrics("encoder").as_posix(), {}).get("encoder", {}).get("id") or "?"
+    return f"encoder {encoder[:8]}, precision {'/'.join(precisions(result))}"
+
+
+def precisions(result: Result) -> tuple[str, str, str]:
+    """pretrain, finetune and evaluate's precision as recorded (fp32 is "no"); where an experiment predates the
+    record, its params' value (those experiments all ran with "no")."""
+    recorded = [result.metrics.get(stage_metrics(stage).as_posix(), {}).get("precision") for stage in ("pretrain", "finetune")]
+    scored = {scores.get("precision") for scores in result.metrics.get(EVALUATION, {}).values() if isinstance(scores, dict)}
+    recorded.append(next(iter(scored)) if len(scored) == 1 else None)
+    params = [result.params.get(stage, {}).get("mixed_precision") for stage in ("pretrain", "finetune", "evaluate")]
+    return tuple(str(found or _param_precision(param)) for found, param in zip(recorded, params))
+
+
+def _param_precision(value: object) -> str:
+    return "no" if value in (None, False, "no") else str(value)
 
 
 def gap_metric(result: Result, column: str) -> float | None:

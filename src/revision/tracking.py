@@ -74,6 +74,18 @@ class StageRun:
             if step is None and self.parent_id:
                 mlflow.log_metrics({f"{self.stage}/{k}": v for k, v in values.items()}, run_id=self.parent_id)
 
+    def log_params(self, params: dict[str, object]) -> None:
+        """Values the stage decided as it ran (the precision ``auto`` resolved to), also on the parent run."""
+        if self.active:
+            import mlflow
+
+            values = {k: str(v) for k, v in params.items()}
+            mlflow.log_params(values)
+            if self.parent_id:  # a tag: a parent's params are params.yaml's, and a re-run stage may log again
+                client = mlflow.MlflowClient()
+                for key, value in values.items():
+                    client.set_tag(self.parent_id, f"{self.stage}/{key}", value)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
             import mlflow

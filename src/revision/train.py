@@ -224,11 +224,15 @@ def train_and_save(setup: TrainingSetup, run: StageRun, outputs: StageOutputs) -
             setup.run_id, run.log_metrics, samples.lengths(), groups,
         )
     state = accelerator.get_state_dict(model)  # every process takes part: sharded weights are gathered here
-    summary = {**setup.extra, "samples": len(samples) if samples is not None else 0, **loss_summary(history)}
+    precision = accelerator.mixed_precision  # params' `auto` as resolved here: no (fp32) | bf16 | fp16
+    summary = {**setup.extra, "precision": precision, "samples": len(samples) if samples is not None else 0,
+               **loss_summary(history)}
     run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    run.log_params({"precision": precision})
     if accelerator.is_main_process:
         trained = setup.objective.rebuild()
         trained.load_state_dict(state)
+        trained.config.precision = {**trained.config.precision, setup.stage: precision}
         with atomic_dir(outputs.model) as tmp:
             trained.save(tmp)
         write_json(outputs.metrics, summary)

@@ -20,6 +20,7 @@ from revision.errors import InputError
 from revision.mllm import MLLM, add_lora, freeze_lm, new_mllm
 from revision.objectives import LanguageModeling, Objective
 from revision.outputs import fingerprint, tree_digest
+from revision.precision import default_device, resolve
 from revision.ross import attach_ross
 from revision.training_data import EmbeddingConversations, sft_samples, stage1_samples, with_text_only
 from revision.visual_input import TYPES, PixelsInput, from_params
@@ -28,6 +29,7 @@ from revision.vora import Vora, add_vision_lora
 
 @dataclass
 class TrainingSetup:
+    stage: str  # pretrain | finetune
     cfg: TrainConfig
     accelerator: Accelerator
     objective: Objective
@@ -66,7 +68,9 @@ def refuse_impossible(
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
+    """An Accelerator at the stage's precision (``auto`` resolved for this process's device)."""
+    precision = resolve(cfg.mixed_precision, default_device())
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
 
 
 def pretrain_setup(params: Path, inputs: Inputs) -> TrainingSetup:
@@ -99,7 +103,7 @@ def pretrain_setup(params: Path, inputs: Inputs) -> TrainingSetup:
     dumps = (cfg.model_dump(), model_cfg.model_dump(), ross_cfg.model_dump() if ross_cfg else None,
              vora_cfg.model_dump() if vora_cfg else None, vectors.encoder, samples.digest() if samples else None)
     logged = blocks_of(params, "pretrain", "model", *(["ross"] if cfg.ross else []), *(["vora"] if vora_cfg else []))
-    return TrainingSetup(cfg, accelerator, objective, samples, fingerprint(*dumps), logged, {"source": cfg.source})
+    return TrainingSetup("pretrain", cfg, accelerator, objective, samples, fingerprint(*dumps), logged, {"source": cfg.source})
 
 
 def _stage1_mllm(lm: Path, model_cfg: ModelConfig, visual, encoder: dict, max_length: int, attention: str,
@@ -131,7 +135,8 @@ def finetune_setup(params: Path, inputs: Inputs) -> TrainingSetup:
         objective = LanguageModeling(mllm, build)
     ross = ross_cfg.model_dump() if ross_cfg else None
     run_id = fingerprint(cfg.model_dump(), ross, train_lm, tree_digest(inputs.pretrained), samples.digest())
-    return TrainingSetup(cfg, accelerator, objective, samples, run_id, blocks_of(params, "finetune", *(["ross"] if ross_cfg else [])))
+    logged = blocks_of(params, "finetune", *(["ross"] if ross_cfg else []))
+    return TrainingSetup("finetune", cfg, accelerator, objective, samples, run_id, logged)
 
 
 def load_finetunable(pretrained: Path, cfg: FinetuneConfig, train_lm: bool = True) -> MLLM:
