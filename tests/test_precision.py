@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from mlflow import MlflowClient
 
 from revision import precision
 from revision.config import TrainConfig, load_stage_config
@@ -94,6 +95,9 @@ def test_bf16_stage_records_its_precision_and_resumes_exactly_after_a_kill(tiny_
     summary = json.loads((whole / "m.json").read_text())
     assert summary["precision"] == "bf16" and summary["steps"] > 5  # more steps than one checkpoint interval
     assert json.loads((whole / "out" / "mllm.json").read_text())["precision"] == {"pretrain": "bf16"}
+    client = MlflowClient(f"sqlite:///{whole / 'mlflow.db'}")
+    stage_runs = client.search_runs([client.get_experiment_by_name("revision").experiment_id], "tags.stage = 'pretrain'")
+    assert [r.data.params["precision"] for r in stage_runs] == ["bf16"]
 
     kill = {"PYTHONPATH": str(INSTRUMENT), "REVISION_TEST_STAGE": "pretrain", "REVISION_TEST_KILL_AFTER": "1"}
     assert _pretrain(tiny_repo, killed, env=kill, check=False).returncode != 0

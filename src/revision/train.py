@@ -232,7 +232,7 @@ def train_and_save(setup: TrainingSetup, run: StageRun, outputs: StageOutputs) -
     if accelerator.is_main_process:
         trained = setup.objective.rebuild()
         trained.load_state_dict(state)
-        trained.config.precision = {**trained.config.precision, setup.stage: precision}
+        trained.mllm.config.precision = {**trained.mllm.config.precision, setup.stage: precision}
         with atomic_dir(outputs.model) as tmp:
             trained.save(tmp)
         write_json(outputs.metrics, summary)
