@@ -18,6 +18,7 @@ from revision.study import (
     Summary,
     arm,
     downstream,
+    encoder_build,
     gap_metric,
     precisions,
     resolution,
@@ -119,7 +120,7 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
     finished = sorted(r.finished for r in results if r.finished)
     if finished:
         lines += [f"Experiments finished between {finished[0]} and {finished[-1]}.", ""]
-    builds = Counter(_encoder_id(r) for r in results if _encoder_id(r))
+    builds = Counter(encoder_build(r) for r in results if encoder_build(r))
     if len(builds) > 1:
         counts = ", ".join(f"{build} ({n} experiments)" for build, n in sorted(builds.items()))
         lines += [f"The experiments ran on {len(builds)} builds of the encoder, trained from the same params (the "
@@ -132,10 +133,6 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
     if missing:
         lines += [f"Conditions with fewer seeds than the others: {', '.join(sorted(missing))}.", ""]
     return lines
-
-
-def _encoder_id(result: Result) -> str | None:
-    return result.metrics.get("reports/encoder.json", {}).get("encoder", {}).get("id")
 
 
 def _section(title: str, keys: list[tuple[str, str]], groups: dict) -> list[str]:

@@ -227,8 +227,11 @@ def downstream(result: Result, checkpoint: str, metric: str) -> float | None:
 def arm(result: Result) -> str:
     """What must match for two experiments to be compared, besides their condition: the encoder build (its
     floating-point training differs between machines) and what each stage computed in."""
-    encoder = result.metrics.get(stage_metrics("encoder").as_posix(), {}).get("encoder", {}).get("id") or "?"
-    return f"encoder {encoder[:8]}, precision {'/'.join(precisions(result))}"
+    return f"encoder {(encoder_build(result) or '?')[:8]}, precision {'/'.join(precisions(result))}"
+
+
+def encoder_build(result: Result) -> str | None:
+    return result.metrics.get(stage_metrics("encoder").as_posix(), {}).get("encoder", {}).get("id")
 
 
 def precisions(result: Result) -> tuple[str, str, str]:
