@@ -9,8 +9,9 @@ import statistics
 import subprocess
 
 import pytest
+from scipy import stats
 
-from revision.ablation_report import render
+from revision.ablation_report import comparisons, render, seed_paired
 from revision.study import (
     CONDITIONS,
     STRESS_CONDITIONS,
@@ -23,8 +24,6 @@ from revision.study import (
     results_record,
     study_experiments,
     study_results,
-    summarize,
-    within_noise,
 )
 from tests.helpers import BIN, ROOT
 
@@ -74,17 +73,6 @@ def test_queue_command_writes_yaml_booleans():
     assert "finetune.ross=true" in ross and "pretrain.ross=false" in ross and "realign.centroid=true" in ross
 
 
-def test_noise_rule_uses_two_standard_errors():
-    a, b = summarize([0.50, 0.52, 0.54]), summarize([0.50, 0.52, 0.54])
-    assert within_noise(a, b)
-    far = summarize([0.70, 0.72, 0.74])
-    assert within_noise(a, far) is False
-    se = (2 * 0.02**2 / 3) ** 0.5
-    assert within_noise(a, summarize([v + 1.9 * se for v in a.values]))
-    assert not within_noise(a, summarize([v + 2.1 * se for v in a.values]))
-    assert within_noise(summarize([0.5]), far) is None
-
-
 def _experiment(name: str, garment: float, nll: float, error: str | None = None) -> dict:
     metrics = {"pretrain": {"rank_garment_acc": garment, "caption_nll": nll}, "finetune": {"rank_garment_acc": garment + 0.1, "cider": 1.0}}
     realign = {
@@ -132,9 +120,10 @@ def test_report_aggregates_seeds_and_says_what_is_within_noise():
     # caption_nll, image_gain (not in these metrics), rank_garment_acc
     assert f"| ReAlign full (ReVision) | 1.000 ± 0.000 | — | {mean:.3f} ± {sd:.3f} |" in report
     raw = next(line for line in report.splitlines() if line.startswith("- raw text (no alignment) vs ReAlign full"))
-    assert "pretrain rank_garment_acc -0.210 (above noise)" in raw and "pretrain image_gain n/a" in raw
-    assert "pretrain caption_nll -0.500 (above noise)" in raw  # lower NLL is better: raw is worse
-    assert re.search(r"ReAlign anchor only vs ReAlign full \(ReVision\): .*pretrain rank_garment_acc [+-]0\.000 \(within noise\)", report)
+    assert re.search(r"pretrain rank_garment_acc -0\.210 detected \(p = 0\.00\d\)", raw) and "pretrain image_gain n/a" in raw
+    assert "pretrain caption_nll -0.500 detected (p = 0.000)" in raw  # lower NLL is better: raw is worse
+    assert re.search(r"ReAlign anchor only vs ReAlign full \(ReVision\): .*pretrain rank_garment_acc [+-]0\.000 not "
+                     r"detected \(detectable 0\.\d{3}\)", report)
     assert "| raw text (no alignment) | 3 | 47.50 | 0.500 ± 0.000 |" in report  # raw text: the gap before alignment
     assert "Grid run: 10 experiments in 10.0 min, 1 at a time" in report
     assert "Grid run started 2026-12-01T19:35:00: 3 experiments (plain: full, stress: raw/anchor) in 2.0 min" in report
@@ -198,8 +187,8 @@ def test_report_shows_the_pope_yes_ratio_and_compares_the_generation_metrics():
         )
     report = render(study_results(_exp_show(experiments)), [])
     assert "| pope_f1 | pope_yes_ratio | vqa_acc |" in report and "| 1.000 ± 0.000 |" in report
-    assert "finetune cider +0.000 (within noise); finetune vqa_acc +0.000 (within noise); finetune pope_acc n/a" in report
-    assert "finetune pope_f1 +0.000 (within noise)" in report
+    assert "finetune cider +0.000 not detected (detectable 0.000); finetune vqa_acc +0.000 not detected" in report
+    assert "finetune pope_acc n/a; finetune pope_f1 +0.000 not detected" in report
 
 
 def test_tables_with_the_same_rows_are_shown_once():
@@ -208,12 +197,49 @@ def test_tables_with_the_same_rows_are_shown_once():
     assert report.count("| ReAlign full (ReVision) | 2 | 50.16 |") == 1
 
 
-def test_a_one_image_rank_difference_is_within_noise_even_when_seeds_agree():
+def _condition(name: str, garments: list[float]) -> list[dict]:
+    return [_experiment(f"study-{name}-s{seed}", garment, 1.0) for seed, garment in enumerate(garments)]
+
+
+def test_a_shift_every_seed_shares_is_detected_where_the_seeds_themselves_vary_more():
+    """Seeds vary by 0.1; c3 is 0.02 above full on every one of them: an unpaired test cannot see it, pairing does."""
+    seeds = [0.50, 0.60, 0.70, 0.55, 0.65]
+    report = render(study_results(_exp_show(_condition("full", seeds) + _condition("c3", [g + 0.02 for g in seeds]))), [])
+    line = next(x for x in report.splitlines() if x.startswith("- C3 vs ReAlign full (ReVision)"))
+    assert re.search(r"pretrain rank_garment_acc \+0\.020 detected \(p = 0\.0\d\d\)", line)
+    assert stats.ttest_ind([g + 0.02 for g in seeds], seeds).pvalue > 0.5
+
+
+def test_a_one_image_rank_difference_that_every_seed_agrees_on_is_not_a_finding():
     """Seeds that agree exactly have sd 0; a difference of one image of 17 is still not a finding."""
-    a, b = summarize([10 / 17] * 3), summarize([11 / 17] * 3)
-    assert within_noise(a, b) is False
-    assert within_noise(a, b, resolution=1 / 17)
-    assert within_noise(a, summarize([12 / 17] * 3), resolution=1 / 17) is False
+    experiments = _condition("full", [10 / 17] * 3) + _condition("c3", [11 / 17] * 3)
+    for experiment in experiments:
+        experiment["data"]["metrics"]["reports/evaluate/metrics.json"]["data"]["pretrain"]["n_rank_garment"] = 17
+    results = study_results(_exp_show(experiments))
+    full, c3 = [r for r in results if r.condition == "full"], [r for r in results if r.condition == "c3"]
+    assert seed_paired(c3, full, "pretrain", "rank_garment_acc").p > 0.05  # the one-image floor on the spread
+    assert seed_paired(c3, full, "finetune", "rank_garment_acc").p == 0.0  # no item count there: no floor
+
+
+def test_p_values_are_adjusted_over_every_comparison_of_the_report():
+    seeds = [0.50, 0.60, 0.70]
+    experiments = _condition("full", seeds) + _condition("c3", [g + 0.03 for g in seeds[:2]] + [0.71])
+    experiments += _condition("raw", [g - 0.2 for g in seeds])
+    results = study_results(_exp_show(experiments))
+    groups = {}
+    for result in results:
+        groups.setdefault((result.world, result.condition), []).append(result)
+    verdicts = comparisons(groups)
+    tested = [v for v in verdicts.values() if v.difference is not None]
+    assert len(tested) == 2 * 4  # c3 and raw against full, four headline metrics each present
+    ps, m = [v.difference.p for v in tested], len(tested)
+    expected, running = [0.0] * m, 1.0  # Benjamini-Hochberg by its definition: min over j >= rank of p_(j) m / j
+    for rank, i in reversed(list(enumerate(sorted(range(m), key=ps.__getitem__), start=1))):
+        running = min(running, ps[i] * m / rank)
+        expected[i] = running
+    assert [v.p_adjusted for v in tested] == pytest.approx(expected)
+    assert all(v.p_adjusted >= v.difference.p for v in tested)
+    assert f"adjusted over all {len(tested)} comparisons of this report" in render(results, [])
 
 
 def test_resolution_is_one_image_of_the_fewest_counted():
@@ -321,6 +347,17 @@ def test_report_says_when_experiments_ran_on_different_encoder_builds():
 
 def test_comparisons_pair_only_seeds_run_on_the_same_encoder_build_and_precision():
     experiments = [_experiment(f"study-{c}-s{s}", 0.6, 1.0) for c in ("full", "raw") for s in range(2)]
+    experiments += [_experiment("study-full-s2", 0.7, 1.0), _experiment("study-raw-s2", 0.9, 1.0)]
+    for experiment in experiments[-2:]:
+        experiment["data"]["metrics"]["reports/encoder.json"] = {"data": {"encoder": {"id": "aaaa"}}}
+        experiment["data"]["metrics"]["reports/pretrain.json"] = {"data": {"precision": "no"}}
+    experiments[-1]["data"]["metrics"]["reports/encoder.json"] = {"data": {"encoder": {"id": "cccc"}}}  # raw, seed 2
+    partly = render(study_results(_exp_show(experiments)), [])
+    line = next(x for x in partly.splitlines() if x.startswith("- raw text (no alignment) vs ReAlign full"))
+    assert "pretrain rank_garment_acc +0.000 not detected" in line  # seeds 0 and 1 only: seed 2 would add +0.2
+    assert line.endswith("(seeds left out, another encoder build or precision: seed 2: encoder cccc, precision no/no/no "
+                         "vs encoder aaaa, precision no/no/no)")
+    experiments = experiments[:-2]
     for experiment in experiments:
         experiment["data"]["metrics"]["reports/encoder.json"] = {"data": {"encoder": {"id": "aaaa"}}}
         experiment["data"]["metrics"]["reports/pretrain.json"] = {"data": {"precision": "no"}}
@@ -328,8 +365,9 @@ def test_comparisons_pair_only_seeds_run_on_the_same_encoder_build_and_precision
     assert "- raw text (no alignment) vs ReAlign full (ReVision): pretrain caption_nll" in compared
     experiments[1]["data"]["metrics"]["reports/pretrain.json"] = {"data": {"precision": "bf16"}}  # full, seed 1
     refused = render(study_results(_exp_show(experiments)), [])
-    assert ("- raw text (no alignment) vs ReAlign full (ReVision): not compared, the same seed ran on another encoder "
-            "build or precision (seed 1: encoder aaaa, precision no/no/no vs encoder aaaa, precision bf16/no/no)") in refused
+    assert ("- raw text (no alignment) vs ReAlign full (ReVision): not compared, fewer than two seeds ran on the same "
+            "encoder build and precision (seeds left out, another encoder build or precision: seed 1: encoder aaaa, "
+            "precision no/no/no vs encoder aaaa, precision bf16/no/no)") in refused
     assert "ran at 2 precisions (pretrain/finetune/evaluate; no: fp32): bf16/no/no (1 experiments), no/no/no (3" in refused
     experiments[3]["data"]["metrics"]["reports/encoder.json"] = {"data": {"encoder": {"id": "bbbb"}}}  # raw, seed 1
     assert "seed 1: encoder bbbb, precision no/no/no vs encoder aaaa, precision bf16/no/no" in render(
@@ -370,7 +408,7 @@ def test_the_existence_world_has_its_own_tables_and_is_compared_with_the_plain_w
     assert "(existence: full/full_ross)" in report
     effect = report[report.index("What a world's setting changes") :]
     line = next(x for x in effect.splitlines() if x.startswith("- ReAlign full (ReVision) (existence) vs ReAlign full (ReVision):"))
-    assert "pretrain rank_garment_acc +0.200 (above noise)" in line
+    assert "pretrain rank_garment_acc +0.200 detected (p = 0.000)" in line
 
 
 def test_results_saved_before_worlds_existed_still_load():

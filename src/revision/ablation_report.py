@@ -1,9 +1,12 @@
-"""reports/ablation.md: the study's experiments as tables of mean ± sd over seeds, never typed by hand."""
+"""reports/ablation.md: the study's experiments as tables of mean ± sd over seeds and seed-paired comparisons, never typed by hand."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
+from revision.paired import PairedDifference, benjamini_hochberg, detectable_difference, paired_difference
 from revision.study import (
     DOWNSTREAM,
     GAP,
@@ -15,7 +18,6 @@ from revision.study import (
     TABLES,
     WORLDS,
     Result,
-    Summary,
     arm,
     downstream,
     encoder_build,
@@ -23,7 +25,6 @@ from revision.study import (
     precisions,
     resolution,
     summarize,
-    within_noise,
 )
 
 PAPER_TEXT = (
@@ -33,18 +34,99 @@ PAPER_TEXT = (
 CHECKPOINTS = {"pretrain": "after stage 1 only (zero-shot: no paired image seen)", "finetune": "after stage 2"}
 
 
+FDR = 0.05  # false discovery rate of each report's family of comparisons (Benjamini-Hochberg)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    difference: PairedDifference | None  # None: fewer than two seeds with both arms
+    p_adjusted: float  # over the report's family
+    detectable: float  # the metric's smallest detectable difference for these seeds (80% power)
+
+    def text(self) -> str:
+        if self.difference is None:
+            return "n/a"
+        delta = self.difference.delta
+        if self.p_adjusted < FDR:
+            return f"{delta:+.3f} detected (p = {self.p_adjusted:.3f})"
+        return f"{delta:+.3f} not detected (detectable {self.detectable:.3f})"
+
+
 def render(results: list[Result], runs: list[dict]) -> str:
     groups: dict[tuple[str, str], list[Result]] = defaultdict(list)
     for result in results:
         groups[(result.world, result.condition)].append(result)
-    lines = _header(results, groups, runs)
+    verdicts = comparisons(groups)
+    lines = _header(results, groups, runs, verdicts)
     for world in ("", *WORLDS):
-        lines += _world_tables(world, groups, _world_title(world, results))
-    lines += _world_effect(groups)
+        lines += _world_tables(world, groups, _world_title(world, results), verdicts)
+    lines += _world_effect(groups, verdicts)
+    lines += _detectable(verdicts)
     return "\n".join(lines) + "\n"
 
 
-def _world_tables(world: str, groups: dict, suffix: str) -> list[str]:
+def reference_pairs(groups: dict) -> list[tuple]:
+    """Every comparison the report shows: each condition against its reference (``REFERENCE``, else full
+    ReAlign) in its world, and each condition of a world against itself in the plain world."""
+    pairs = [(key, (key[0], REFERENCE.get(key[1], "full"))) for key in sorted(groups)]
+    pairs = [(key, reference) for key, reference in pairs if key != reference and reference in groups]
+    return pairs + [(key, ("", key[1])) for key in sorted(groups) if key[0] and ("", key[1]) in groups]
+
+
+def comparisons(groups: dict) -> dict[tuple, Verdict]:
+    """(condition, reference, checkpoint, metric) -> its seed-paired verdict, the p-values adjusted together
+    over every comparison of the report; pairs that ran on other encoder builds or precisions are left out."""
+    raw = {}
+    for key, reference in reference_pairs(groups):
+        seeds = matched_seeds(groups[key], groups[reference])
+        for checkpoint, metric in HEADLINE:
+            raw[(key, reference, checkpoint, metric)] = seed_paired(groups[key], groups[reference], checkpoint, metric, seeds)
+    tested = [k for k, difference in raw.items() if difference is not None]
+    adjusted = dict(zip(tested, benjamini_hochberg([raw[k].p for k in tested])))
+    detectable = _detectable_by_metric(raw)
+    return {k: Verdict(d, adjusted.get(k, math.nan), detectable.get(k[2:], math.inf)) for k, d in raw.items()}
+
+
+def seed_paired(
+    a: list[Result], b: list[Result], checkpoint: str, metric: str, seeds: set[int] | None = None
+) -> PairedDifference | None:
+    """``a`` minus ``b`` over the seeds both ran (of ``seeds``, when given; positive: ``a`` better, whichever way
+    the metric points)."""
+    values_a = {r.seed: downstream(r, checkpoint, metric) for r in a}
+    values_b = {r.seed: downstream(r, checkpoint, metric) for r in b}
+    both = values_a.keys() & values_b.keys() & (seeds if seeds is not None else values_a.keys())
+    seeds = sorted(s for s in both if values_a[s] is not None and values_b[s] is not None)
+    if len(seeds) < 2:
+        return None
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    step = resolution([*a, *b], checkpoint, metric)  # one item of an accuracy: the least spread it can have
+    return paired_difference([sign * values_a[s] for s in seeds], [sign * values_b[s] for s in seeds], sd_floor=step)
+
+
+def _detectable_by_metric(raw: dict) -> dict[tuple[str, str], float]:
+    """Per (checkpoint, metric): the smallest difference detectable at 80% power with the seeds run, from the
+    spread of its paired differences pooled over the family."""
+    spreads = defaultdict(list)
+    for (_, _, checkpoint, metric), difference in raw.items():
+        if difference is not None:
+            spreads[(checkpoint, metric)].append(difference)
+    return {metric: detectable_difference(math.sqrt(sum(d.sd**2 for d in ds) / len(ds)), max(d.n for d in ds))
+            for metric, ds in spreads.items()}
+
+
+def _detectable(verdicts: dict) -> list[str]:
+    found = {k[2:]: v.detectable for k, v in verdicts.items() if v.difference is not None}
+    if not found:
+        return []
+    seeds = max(v.difference.n for v in verdicts.values() if v.difference is not None)
+    lines = ["## Smallest detectable differences", "",
+             f"What each metric can detect with {seeds} seeds, seed-paired, at 80% power (two-sided, alpha = 0.05), from "
+             "the sd of its paired differences pooled over the comparisons above:", "",
+             _row(["checkpoint", "metric", "detectable difference"]), _row(["---"] * 3)]
+    return lines + [_row([checkpoint, metric, f"{value:.3f}"]) for (checkpoint, metric), value in found.items()] + [""]
+
+
+def _world_tables(world: str, groups: dict, suffix: str, verdicts: dict) -> list[str]:
     """Each table of ``TABLES`` with the world's conditions in it, leaving out a table whose rows another
     table of the world shows too (a world runs some conditions only; a study run in parts, some seeds)."""
     present = {title: [c for c in conditions if groups.get((world, c))] for title, conditions in TABLES.items()}
@@ -54,7 +136,7 @@ def _world_tables(world: str, groups: dict, suffix: str) -> list[str]:
         inside_another = any(set(rows) < set(other) for other in present.values())
         if rows and not inside_another and set(rows) not in shown:
             shown.append(set(rows))
-            lines += _section(title + suffix, [(world, c) for c in rows], groups)
+            lines += _section(title + suffix, [(world, c) for c in rows], groups, verdicts)
     return lines
 
 
@@ -67,26 +149,32 @@ def _world_title(world: str, results: list[Result]) -> str:
     return f", {what} ({setting} = {', '.join(str(v) for v in sorted(values, key=str)) or '?'})"
 
 
-def _world_effect(groups: dict) -> list[str]:
+def _world_effect(groups: dict, verdicts: dict) -> list[str]:
     """A condition in each world against itself in the plain world: what the world's setting changes."""
     pairs = [(key, ("", key[1])) for key in sorted(groups) if key[0] and ("", key[1]) in groups]
     return _comparisons(
         pairs,
         groups,
         "What a world's setting changes (each condition against itself in the plain world; positive: better with the setting):",
+        verdicts,
     )
 
 
-def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
+def _header(results: list[Result], groups: dict, runs: list[dict], verdicts: dict) -> list[str]:
     seeds = sorted({r.seed for r in results})
     lines = [
         "# Ablation study",
         "",
         "Generated by `revision study` from `dvc exp show --json` and reports/study_results.json (do not edit by hand). "
         f"{len(results)} finished experiments, {len(groups)} conditions, seeds {seeds}.",
-        "Cells are mean ± sd over seeds (model, pretrain and finetune seed). A difference to the reference row is "
-        "**within noise** when it is at most two standard errors of the difference (from the seed-to-seed sd), "
-        "or, for a ranked-probe accuracy, at most one image.",
+        "Cells are mean ± sd over seeds (model, pretrain and finetune seed). Differences are **seed-paired**: seed s "
+        "of two conditions shares initialisation, data order and eval items, so each difference is the mean over "
+        "seeds of the per-seed difference (positive: better, whichever way the metric points), tested with a paired "
+        f"t-test whose p-values are adjusted over all {sum(v.difference is not None for v in verdicts.values())} "
+        f"comparisons of this report (Benjamini-Hochberg, false discovery rate {FDR}). A difference reads "
+        "**detected (p)** when its adjusted p is below that, else **not detected (detectable d)**, d being the "
+        "smallest difference the seeds run could detect at 80% power (end of the report); for a ranked-probe "
+        "accuracy the per-seed differences are taken to vary by at least one image.",
         "",
         "Gap columns describe the text stage 1 trained on, against the image embeddings: centroid gap, trace ratio "
         "and kNN modality mixing on the unpaired corpus, text→image R@1 on the paired eval captions, and the class "
@@ -135,7 +223,7 @@ def _header(results: list[Result], groups: dict, runs: list[dict]) -> list[str]:
     return lines
 
 
-def _section(title: str, keys: list[tuple[str, str]], groups: dict) -> list[str]:
+def _section(title: str, keys: list[tuple[str, str]], groups: dict, verdicts: dict) -> list[str]:
     present = [k for k in keys if groups.get(k)]
     if not present:
         return []
@@ -159,11 +247,11 @@ def _section(title: str, keys: list[tuple[str, str]], groups: dict) -> list[str]
         lines.append("")
     pairs = [(key, (key[0], REFERENCE.get(key[1], "full"))) for key in present]
     pairs = [(key, reference) for key, reference in pairs if key != reference and reference in present]
-    lines += _comparisons(pairs, groups, "Differences to the reference condition (positive: this condition is better):")
+    lines += _comparisons(pairs, groups, "Differences to the reference condition (positive: this condition is better):", verdicts)
     return lines
 
 
-def _comparisons(pairs: list[tuple], groups: dict, heading: str) -> list[str]:
+def _comparisons(pairs: list[tuple], groups: dict, heading: str, verdicts: dict) -> list[str]:
     """Each (condition, reference) pair's headline differences (``REFERENCE``: the same recipe without Ross,
     the encoder for VoRA; else full ReAlign)."""
     if not pairs:
@@ -171,33 +259,28 @@ def _comparisons(pairs: list[tuple], groups: dict, heading: str) -> list[str]:
     lines = [heading, ""]
     for key, reference in pairs:
         mismatched = unpaired_arms(groups[key], groups[reference])
-        if mismatched:
-            lines.append(f"- {_label(key)} vs {_label(reference)}: not compared, the same seed ran on another encoder "
-                         f"build or precision ({'; '.join(mismatched)})")
+        left_out = f"seeds left out, another encoder build or precision: {'; '.join(mismatched)}"
+        if mismatched and len(matched_seeds(groups[key], groups[reference])) < 2:
+            lines.append(f"- {_label(key)} vs {_label(reference)}: not compared, fewer than two seeds ran on the same "
+                         f"encoder build and precision ({left_out})")
             continue
-        parts = []
-        for checkpoint, metric in HEADLINE:
-            a = summarize(downstream(r, checkpoint, metric) for r in groups[key])
-            b = summarize(downstream(r, checkpoint, metric) for r in groups[reference])
-            step = resolution([*groups[key], *groups[reference]], checkpoint, metric)
-            parts.append(f"{checkpoint} {metric} {_difference(a, b, metric, step)}")
-        lines.append(f"- {_label(key)} vs {_label(reference)}: " + "; ".join(parts))
+        parts = [f"{checkpoint} {metric} {verdicts[(key, reference, checkpoint, metric)].text()}"
+                 for checkpoint, metric in HEADLINE]
+        lines.append(f"- {_label(key)} vs {_label(reference)}: " + "; ".join(parts) + (f" ({left_out})" if mismatched else ""))
     return lines + [""]
 
 
+def matched_seeds(a: list[Result], b: list[Result]) -> set[int]:
+    """The seeds whose two experiments ran on the same encoder build and at the same precisions (``arm``)."""
+    arms_a, arms_b = {r.seed: arm(r) for r in a}, {r.seed: arm(r) for r in b}
+    return {seed for seed in arms_a.keys() & arms_b.keys() if arms_a[seed] == arms_b[seed]}
+
+
 def unpaired_arms(a: list[Result], b: list[Result]) -> list[str]:
-    """The seeds whose two experiments differ in encoder build or precision (``arm``): they cannot be compared."""
+    """The seeds whose two experiments differ in encoder build or precision (``arm``), named: they are never paired."""
     arms_a, arms_b = {r.seed: arm(r) for r in a}, {r.seed: arm(r) for r in b}
     both = sorted(set(arms_a) & set(arms_b))
     return [f"seed {seed}: {arms_a[seed]} vs {arms_b[seed]}" for seed in both if arms_a[seed] != arms_b[seed]]
-
-
-def _difference(a: Summary, b: Summary, metric: str, step: float) -> str:
-    if not a.values or not b.values:
-        return "n/a"
-    delta = (a.mean - b.mean) * (-1 if metric in LOWER_IS_BETTER else 1)
-    verdict = {True: "within noise", False: "above noise", None: "too few seeds"}[within_noise(a, b, step)]
-    return f"{delta:+.3f} ({verdict})"
 
 
 def _label(key: tuple[str, str]) -> str:

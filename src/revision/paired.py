@@ -2,7 +2,8 @@
 differences per seed carry the comparison, and their spread, not each arm's, is its noise.
 
 ``paired_difference`` gives the mean difference, its confidence interval and the two-sided paired t-test's
-p-value; ``detectable_difference`` the smallest true difference such a test finds at a given power.
+p-value; ``benjamini_hochberg`` corrects a family of such p-values; ``detectable_difference`` is the smallest
+true difference such a test finds at a given power.
 """
 
 from __future__ import annotations
@@ -28,12 +29,17 @@ class PairedDifference:
         return self.sd / math.sqrt(self.n)
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedDifference:
-    """``a`` against ``b``, the same seeds in the same order; needs two seeds or more."""
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95, sd_floor: float = 0.0
+) -> PairedDifference:
+    """``a`` against ``b``, the same seeds in the same order; needs two seeds or more. ``sd_floor``: the least
+    spread the differences are taken to have (one item of an accuracy: seeds that agree exactly on a one-item
+    difference have sd 0, which says nothing about it)."""
     if len(a) != len(b) or len(a) < 2:
         raise ValueError(f"a paired difference needs the same seeds on both sides, at least two: {len(a)} and {len(b)}")
     differences = [x - y for x, y in zip(a, b)]
-    n, delta, sd = len(differences), statistics.fmean(differences), statistics.stdev(differences)
+    n, delta = len(differences), statistics.fmean(differences)
+    sd = max(statistics.stdev(differences), sd_floor)
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     if sd == 0:
         p = 1.0 if delta == 0 else 0.0
@@ -49,3 +55,10 @@ def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float =
     if n < 2:
         return math.inf
     return (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate over the family), in the input order."""
+    if not p_values:
+        return []
+    return [float(p) for p in stats.false_discovery_control(list(p_values), method="bh")]

@@ -286,17 +286,6 @@ def summarize(values: Iterable[float | None]) -> Summary:
     return Summary(tuple(v for v in values if v is not None and not math.isnan(v)))
 
 
-def within_noise(a: Summary, b: Summary, resolution: float = 0.0) -> bool | None:
-    """The difference of two means is within noise when it is at most two standard errors of the
-    difference (seed-to-seed sd of each side), or at most ``resolution``, the smallest step the metric can
-    take (one image of a rank accuracy: seeds that agree exactly have sd 0, which says nothing about a
-    one-image difference); None when either side has fewer than two seeds."""
-    if len(a.values) < 2 or len(b.values) < 2:
-        return None
-    se = math.sqrt(a.sd**2 / len(a.values) + b.sd**2 / len(b.values))
-    return abs(a.mean - b.mean) <= max(2 * se, resolution) + 1e-9  # 11/17 - 10/17 is a hair above 1/17
-
-
 def resolution(results: Iterable[Result], checkpoint: str, metric: str) -> float:
     """One image's worth of a ranked-probe accuracy (1 / the fewest images it was counted on); 0 otherwise."""
     found = re.fullmatch(r"rank_(\w+)_acc", metric)
