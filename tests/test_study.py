@@ -439,3 +439,15 @@ def test_a_profile_without_the_study_settings_needs_the_options(tmp_path, monkey
     (tmp_path / "profile.yaml").write_text("pretrain:\n  max_samples: 8\n")
     result = CliRunner().invoke(app, ["study", "--seeds", "1", *PLAIN_ONLY, "--profile", "profile.yaml"])
     assert result.exit_code == 2 and "study.jobs: Field required" in result.output
+
+
+def test_the_gap_columns_show_the_eval_pair_geometry_of_the_text_stage_1_trained_on():
+    experiments = _condition("full", [0.6, 0.6]) + _condition("raw", [0.5, 0.5])
+    for experiment in experiments:
+        realign = experiment["data"]["metrics"]["reports/realign/metrics.json"]["data"]
+        realign["geometry_before"] = {"phi": 0.25, "psi": 0.8, "omega_k": 0.3}
+        realign["geometry_after"] = {"phi": 0.75, "psi": 0.9, "omega_k": 0.4}
+    report = render(study_results(_exp_show(experiments)), [])
+    assert "| trace_ratio | knn_mixing | t2i_r1 | probe_acc | phi | psi | omega_k |" in report
+    assert "| 0.750 ± 0.000 | 0.900 ± 0.000 | 0.400 ± 0.000 |" in report  # full: after alignment
+    assert "| 0.250 ± 0.000 | 0.800 ± 0.000 | 0.300 ± 0.000 |" in report  # raw text: before it

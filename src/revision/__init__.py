@@ -38,6 +38,7 @@ MODULES: dict[str, str] = {
     "embedding_streams": "streamed, normalized readers of any embedding file (.npy, .safetensors, .parquet, sets)",
     "realign": "ReAlign: the training-free map of text embeddings into the image distribution, and its stats",
     "gap": "modality-gap metrics and plots: the gap report",
+    "pair_geometry": "alignment geometry on held-out pairs (centroid distance, Phi, Psi, k-NN overlap, mixing, residual)",
     # lm, pretrain, finetune
     "lm": "causal LMs on disk: the bundled SmolLM2 converted, a tiny Llama for tests, one loader",
     "mllm": "the multimodal LM: a visual input's projector + a causal LM; training loss, scoring, generation",

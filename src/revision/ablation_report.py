@@ -178,7 +178,10 @@ def _header(results: list[Result], groups: dict, runs: list[dict], verdicts: dic
         "",
         "Gap columns describe the text stage 1 trained on, against the image embeddings: centroid gap, trace ratio "
         "and kNN modality mixing on the unpaired corpus, text→image R@1 on the paired eval captions, and the class "
-        "accuracy on eval *images* of a linear probe trained on that text (reports/realign/metrics.json).",
+        "accuracy on eval *images* of a linear probe trained on that text, and the geometry of the eval pairs: phi "
+        "(mean cosine of an aligned caption and its own image), psi (correlation of image-image and caption-caption "
+        "cosines) and omega_k (overlap of an item's k nearest neighbours among images and among captions) "
+        "(reports/realign/metrics.json; experiments made before these were measured show —).",
         "Downstream (reports/evaluate/metrics.json): per-token NLL of the reference caption given its image "
         "(caption_nll, lower is better); image_gain, how much lower that NLL is than with another eval image in its "
         "place (nats/token: what the model reads from the image; 0 = it ignores it); the ranked probes, the share of "

@@ -18,6 +18,7 @@ subsample chosen by the caller. Definitions:
   within-modality cosine distance over pairs i != j (averaged over both modalities), in the spirit of
   Schrodi et al.'s relative modality gap: 0 when pairs coincide; ``r1``/``r5`` retrieval recall where ties
   count against the match.
+- pair geometry (``geometry_before`` / ``geometry_after``, on the eval pairs): ``revision.pair_geometry``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from revision.layout import (
     positions,
     read_manifest,
 )
+from revision.pair_geometry import pair_geometry
 from revision.realign import Moments, RealignStats, transform, transform_images
 
 LABEL_COLUMNS = ("class_name", "colour")
@@ -288,6 +290,11 @@ def realign_report(stats: RealignStats, inputs: ReportInputs, k: int, seed: int,
             transform(inputs.eval_text, stats), transform_images(inputs.eval_images, stats)
         )
         report["samples"]["eval_pairs"] = len(inputs.eval_text)
+        if len(inputs.eval_text) > k + 1:  # the neighbour measures need k others
+            report["geometry_before"] = pair_geometry(inputs.eval_text, inputs.eval_images, k, seed)
+            report["geometry_after"] = pair_geometry(
+                transform(inputs.eval_text, stats), transform_images(inputs.eval_images, stats), k, seed
+            )
     if inputs.probe_test is not None:
         report.update(_probes(stats, inputs, seed))
     if plot_dir is not None:

@@ -84,6 +84,9 @@ GAP = {  # column -> (section of reports/realign/metrics.json, key) for the alig
     "knn_mixing": ("after", "knn_mixing"),
     "t2i_r1": ("eval_after", "t2i_r1"),
     "probe_acc": ("probe_class_name", "text_aligned"),
+    "phi": ("geometry_after", "phi"),  # held-out pair geometry (revision.pair_geometry)
+    "psi": ("geometry_after", "psi"),
+    "omega_k": ("geometry_after", "omega_k"),
 }
 HEADLINE = (("pretrain", "caption_nll"), ("pretrain", "image_gain"), ("pretrain", "rank_garment_acc"),
             ("finetune", "caption_nll"), ("finetune", "image_gain"), ("finetune", "rank_garment_acc"),
@@ -254,7 +257,7 @@ def gap_metric(result: Result, column: str) -> float | None:
         return None
     section, key = GAP[column]
     if result.condition == "raw":
-        section = {"after": "before", "eval_after": "eval_before"}.get(section, section)
+        section = {"after": "before", "eval_after": "eval_before", "geometry_after": "geometry_before"}.get(section, section)
         key = "text_raw" if key == "text_aligned" else key
     value = result.metrics.get(REALIGN_METRICS.as_posix(), {}).get(section, {}).get(key)
     return float(value) if isinstance(value, (int, float)) else None
