@@ -8,7 +8,8 @@ Each run reads the pipeline's data/ (prepared, embeddings, realign, lm) and writ
 evaluation exists is not run again, so the check resumes. Stage times are printed per run (the cost of an
 experiment in each precision). A difference counts as "within" when it is smaller than the smallest difference
 the study could detect between two conditions with these seeds: ``detectable_difference`` on the fp32 seed sd
-times sqrt(2) (two independent seeds; seed-paired conditions do better).
+times sqrt(2) (two independent seeds; seed-paired conditions do better), the sd taken as at least one item for
+a ranked-probe accuracy, as the study report takes it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ def run_one(args, seed: int, label: str) -> dict:
     return result
 
 
+def one_item(runs: dict[str, list[dict]], checkpoint: str, metric: str) -> float:
+    """1 / the items a ranked-probe accuracy counts (0 for other metrics)."""
+    if not (metric.startswith("rank_") and metric.endswith("_acc")):
+        return 0.0
+    counts = [r["metrics"][checkpoint].get(f"n_{metric[:-4]}") for rs in runs.values() for r in rs]
+    return 1.0 / min(counts) if all(counts) else 0.0
+
+
 def table(runs: dict[str, list[dict]]) -> list[str]:
     n = len(runs["fp32"])
     lines = [f"| checkpoint | metric | fp32 mean ± sd | bf16 mean ± sd | bf16 − fp32 (paired, 95% CI) | p | "
@@ -81,8 +90,9 @@ def table(runs: dict[str, list[dict]]) -> list[str]:
             if any(v is None for vs in values.values() for v in vs):
                 continue
             fp32, bf16 = values["fp32"], values["bf16"]
-            diff = paired_difference(bf16, fp32)
-            detectable = detectable_difference(statistics.stdev(fp32) * math.sqrt(2), n)
+            step = one_item(runs, checkpoint, metric)  # an accuracy moves by one item at least (as the study takes it)
+            diff = paired_difference(bf16, fp32, sd_floor=step)
+            detectable = detectable_difference(max(statistics.stdev(fp32), step) * math.sqrt(2), n)
             within = "within" if abs(diff.delta) < detectable else "OUTSIDE"
             lines.append(f"| {checkpoint} | {metric}{'' if metric in PRECISE else ' (generated)'} | "
                          f"{statistics.fmean(fp32):.4f} ± {statistics.stdev(fp32):.4f} | "
