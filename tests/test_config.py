@@ -67,6 +67,18 @@ def test_profile_merges_values_and_keeps_comments(tmp_path):
     assert yaml.safe_load(params.read_text()) == merged
 
 
+def test_a_profile_writes_no_as_a_string_every_yaml_reader_agrees_on(tmp_path):
+    """params.yaml says `mixed_precision: auto`; the tiny profile's "no" replaces it. Written bare, PyYAML (YAML 1.1)
+    would read false where DVC (YAML 1.2) reads "no", and a params file rewritten by one would look changed to
+    the other."""
+    params = tmp_path / "params.yaml"
+    params.write_text("pretrain:\n  mixed_precision: auto  # the default\n  seed: 0\n")
+    (tmp_path / "profile.yaml").write_text('pretrain:\n  mixed_precision: "no"\n  seed: 1\n')
+    apply_profile(tmp_path / "profile.yaml", params)
+    assert yaml.safe_load(params.read_text())["pretrain"] == {"mixed_precision": "no", "seed": 1}
+    assert "# the default" in params.read_text()
+
+
 def test_a_block_dvc_rewrote_records_the_same_values():
     """`dvc exp run -S` writes `mixed_precision: no` bare, which YAML 1.1 reads as false; records (MLflow
     params) must not show that as a difference."""

@@ -372,6 +372,21 @@ def merge_into(base: dict, overrides: dict) -> None:
             base[key] = value
 
 
+YAML11_BOOLEANS = {"y", "n", "yes", "no", "on", "off", "true", "false"}
+
+
+def _unambiguous(value):
+    """Strings that YAML 1.1 readers (PyYAML) take for booleans, such as mixed_precision's "no", written quoted,
+    so every reader of params.yaml sees the same value."""
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    if isinstance(value, dict):
+        return {key: _unambiguous(item) for key, item in value.items()}
+    if isinstance(value, str) and value.lower() in YAML11_BOOLEANS:
+        return DoubleQuotedScalarString(value)
+    return value
+
+
 def apply_profile(profile: str | Path, params: str | Path = "params.yaml") -> dict:
     """Merge a profile's overrides (e.g. ``profiles/tiny.yaml``) into ``params`` in place, keeping the params
     file's comments and key order (ruamel's round trip); returns the merged params."""
@@ -383,7 +398,7 @@ def apply_profile(profile: str | Path, params: str | Path = "params.yaml") -> di
     yaml_rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     tree = yaml_rt.load(Path(params).read_text())
     # a profile's study block drives `revision study`, not the pipeline: it never enters params.yaml
-    merge_into(tree, {block: values for block, values in read_params(profile).items() if block != "study"})
+    merge_into(tree, {block: _unambiguous(values) for block, values in read_params(profile).items() if block != "study"})
     with Path(params).open("w") as out:
         yaml_rt.dump(tree, out)
     return read_params(params)

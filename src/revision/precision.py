@@ -59,7 +59,9 @@ def autocast(precision: Precision, device: torch.device | str) -> contextlib.Abs
 
 
 def default_device() -> torch.device:
-    """The device a stage runs on: what Accelerate picked for this process (its launch config may force the CPU)."""
-    from accelerate import PartialState
+    """The device a stage runs on: the GPU where there is one, unless the launch forces the CPU as Accelerate
+    does (ACCELERATE_USE_CPU). Read from the environment: creating Accelerate's state here, before the stage's
+    Accelerator, would fix it without the launch's CPU setting (every rank would think it is the only one)."""
+    from accelerate.utils import parse_flag_from_env
 
-    return PartialState().device
+    return torch.device("cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu")
