@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -53,7 +54,7 @@ def summary_table(results: dict[str, dict[str, float]]) -> str:
     width = max(len("checkpoint"), *map(len, results))
     lines = ["checkpoint".ljust(width) + "".join(f"{column:>12}" for column in SUMMARY_COLUMNS)]
     for name, scores in results.items():
-        cells = (f"{scores[c]:>12.4f}" if c in scores else f"{'-':>12}" for c in SUMMARY_COLUMNS)
+        cells = (f"{scores[c]:>12.4f}" if scores.get(c) is not None else f"{'-':>12}" for c in SUMMARY_COLUMNS)
         lines.append(name.ljust(width) + "".join(cells))
     return "\n".join(lines)
 
@@ -90,7 +91,7 @@ def main(
     metrics_inside = inside(metrics, predictions)
     device = default_device()
     precision = resolve(cfg.mixed_precision, device)
-    results: dict[str, dict[str, float | str]] = {}
+    results: dict[str, dict[str, float | str | None]] = {}
     with stage_run(NAME, blocks_of(params, NAME)) as run:
         run.log_params({"precision": precision})
         with CaptionScorer() as scorer, atomic_dir(predictions) as tmp:
@@ -98,9 +99,10 @@ def main(
                 model = load_mllm(checkpoint, device)
                 with autocast(precision, device):
                     scores, rows = evaluate_model(model, eval_set, cfg, scorer)
-                results[name] = {**scores, "precision": precision}
+                # a standard error needs two items: with fewer it is null in the metrics and not logged
+                results[name] = {**{k: None if math.isnan(v) else v for k, v in scores.items()}, "precision": precision}
                 write_jsonl(tmp / f"{name}.jsonl", rows)
-                run.log_metrics({f"{name}/{key}": value for key, value in scores.items()})
+                run.log_metrics({f"{name}/{key}": value for key, value in scores.items() if not math.isnan(value)})
             if metrics_inside is not None:
                 write_json(tmp / metrics_inside, results)
         if metrics_inside is None:

@@ -72,7 +72,10 @@ def test_yes_no_reads_the_first_word_only():
 def test_vqa_accuracy_overall_and_per_type():
     questions = [Question(0, "vqa", "q", a, t) for a, t in [("red", "colour"), ("blue", "colour"), ("yes", "yes_no")]]
     metrics = vqa_accuracy(questions, ["Red", "green", "yes it is"])
-    assert metrics == pytest.approx({"vqa_acc": 2 / 3, "vqa_acc_colour": 0.5, "vqa_acc_yes_no": 1.0})
+    assert metrics == pytest.approx({
+        "vqa_acc": 2 / 3, "vqa_acc_se": (2 / 9 / 3) ** 0.5, "vqa_acc_colour": 0.5, "vqa_acc_colour_se": 0.5 / 2**0.5,
+        "n_vqa_colour": 2, "vqa_acc_yes_no": 1.0, "vqa_acc_yes_no_se": 0.0, "n_vqa_yes_no": 1,
+    })
     assert vqa_accuracy([], []) == {}
 
 
@@ -80,9 +83,14 @@ def test_pope_metrics_on_a_known_confusion():
     truth = ["yes", "yes", "yes", "no", "no", "no"]
     predicted = ["yes", "yes", "no", "yes", "no", None]  # None: neither yes nor no, always wrong
     metrics = pope_metrics(predicted, truth)
+    se = {name: metrics.pop(f"{name}_se") for name in ("pope_acc", "pope_precision", "pope_recall", "pope_f1", "pope_yes_ratio")}
     assert metrics == pytest.approx({
         "pope_acc": 0.5, "pope_precision": 2 / 3, "pope_recall": 2 / 3, "pope_f1": 2 / 3, "pope_yes_ratio": 0.5,
     })
+    # shares over the probes (6), over the "yes" answers (3) and over the true shapes (3); F1 by resampling probes
+    assert se["pope_acc"] == pytest.approx((0.25 / 6) ** 0.5) and se["pope_yes_ratio"] == pytest.approx((0.25 / 6) ** 0.5)
+    assert se["pope_precision"] == pytest.approx((2 / 9 / 3) ** 0.5) == se["pope_recall"]
+    assert 0.1 < se["pope_f1"] < 0.5
     always_no = pope_metrics(["no"] * 4, ["yes", "no", "yes", "no"])
     assert always_no["pope_f1"] == 0.0 and always_no["pope_acc"] == 0.5 and always_no["pope_yes_ratio"] == 0.0
 
@@ -117,9 +125,10 @@ def test_caption_metrics_rank_a_perfect_caption_above_a_wrong_one():
     wrong = {"a": "A dog\nplaying in the park.", "b": "Some text about a car.", "c": "Nothing to see."}
     with CaptionScorer(("bleu4", "rouge_l", "cider")) as scorer:
         good, bad = scorer.score(perfect, references), scorer.score(wrong, references)
-    assert set(good) == {"bleu4", "rouge_l", "cider"}
-    for metric in good:
+    assert set(good) == {"bleu4", "rouge_l", "cider", "bleu4_se", "rouge_l_se", "cider_se"}
+    for metric in ("bleu4", "rouge_l", "cider"):
         assert good[metric] > bad[metric], metric
+    assert bad["cider_se"] > 0 and good["bleu4_se"] == pytest.approx(0.0, abs=1e-9)  # every perfect caption scores 1
     assert good["bleu4"] == pytest.approx(1.0)
 
 
@@ -279,8 +288,12 @@ def test_evaluate_stage_scores_each_checkpoint(eval_inputs, tmp_path, monkeypatc
         assert scores["image_gain"] != 0  # a random projector still makes the image change the likelihood
         ranked = scores["n_rank_garment"] + scores["n_rank_colour"]
         assert scores["n_rank_colour"] == scores["n_rank_shape"] and 5 <= ranked <= 6  # all but the user image
-        per_type = {key for key in scores if key.startswith("vqa_acc_")}
+        per_type = {key for key in scores if key.startswith("vqa_acc_") and not key.endswith("_se")}
         assert per_type and per_type <= {f"vqa_acc_{t}" for t in ("colour", "shape", "yes_no", "garment")}
+        numbers = [key for key, value in scores.items() if isinstance(value, float) and not key.startswith("n_")]
+        without_error = [key for key in numbers if not key.endswith("_se") and f"{key}_se" not in scores]
+        assert without_error == [], f"metrics without a standard error: {without_error}"
+        assert all(scores[f"{key}_se"] is None or scores[f"{key}_se"] >= 0 for key in numbers if not key.endswith("_se"))
         assert scores["n_images"] == 6 and scores["caption_nll"] > 0 and 0 <= scores["pope_yes_ratio"] <= 1
 
     for name in ("pretrain", "finetune"):

@@ -53,6 +53,7 @@ MODULES: dict[str, str] = {
     "vora": "VoRA's stage 1: vision LoRA distilled block by block from a frozen image network",
     # evaluate
     "evaluate": "scoring an MLLM on the held-out eval set: captions, VQA, POPE probes, classes, caption NLL",
+    "standard_errors": "the eval metrics' standard errors over items: of a mean, a share, a ratio of sums; bootstrap",
     # study
     "study": "the ablation study: DVC experiments (condition x seed) and their results",
     "ablation_report": "reports/ablation.md: the study's experiments as mean ± sd tables",

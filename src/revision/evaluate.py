@@ -14,6 +14,9 @@ exactly the same prompts about the same images. Generation is greedy through ``M
   same caption naming a seeded other one; the model "answers" with the more likely of the two (``rank_*_acc``,
   chance 0.5, and the mean NLL margin ``rank_*_margin``), so an attribute the model reads from the image
   counts even before it is fluent enough to generate it.
+
+Every metric has its standard error beside it (``<metric>_se``, ``revision.standard_errors``) and its item count
+(``n_images``, ``n_vqa``, ``n_vqa_<type>``, ``n_pope``, ``n_garment``, ``n_rank_*``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from revision import standard_errors
 from revision.captions import COLOUR_WORDS, EXISTENCE_QUESTION, GARMENT_WORDS, SHAPE_WORDS
 from revision.checkpoints import checkpoint_config
 from revision.config import EvaluateConfig
@@ -166,9 +170,15 @@ def vqa_accuracy(questions: Sequence[Question], predictions: Sequence[str]) -> d
     if not by_type:
         return {}
     everything = [hit for hits in by_type.values() for hit in hits]
-    metrics = {"vqa_acc": _mean(everything)}
-    metrics.update({f"vqa_acc_{kind}": _mean(hits) for kind, hits in sorted(by_type.items())})
+    metrics = _share("vqa_acc", everything)
+    for kind, hits in sorted(by_type.items()):
+        metrics.update({**_share(f"vqa_acc_{kind}", hits), f"n_vqa_{kind}": float(len(hits))})
     return metrics
+
+
+def _share(name: str, hits: Sequence[bool]) -> dict[str, float]:
+    """A share of items and its standard error."""
+    return {name: _mean(hits), f"{name}_se": standard_errors.of_proportion(hits)}
 
 
 def pope_metrics(predicted: Sequence[str | None], truth: Sequence[str]) -> dict[str, float]:
@@ -178,19 +188,30 @@ def pope_metrics(predicted: Sequence[str | None], truth: Sequence[str]) -> dict[
     """
     if not truth:
         return {}
+    precision, recall, f1 = _pope_f1(predicted, truth)
+    pick = lambda items, rows: [items[i] for i in rows]  # noqa: E731
+    return {
+        **_share("pope_acc", [p == t for p, t in zip(predicted, truth)]),
+        "pope_precision": precision,
+        "pope_precision_se": standard_errors.of_proportion([t == "yes" for p, t in zip(predicted, truth) if p == "yes"]),
+        "pope_recall": recall,
+        "pope_recall_se": standard_errors.of_proportion([p == "yes" for p, t in zip(predicted, truth) if t == "yes"]),
+        "pope_f1": f1,
+        "pope_f1_se": standard_errors.bootstrap(
+            len(truth), lambda rows: _pope_f1(pick(predicted, rows), pick(truth, rows))[2], len(truth)
+        ),
+        **_share("pope_yes_ratio", [p == "yes" for p in predicted]),
+    }
+
+
+def _pope_f1(predicted: Sequence[str | None], truth: Sequence[str]) -> tuple[float, float, float]:
+    """Precision, recall and F1 with "yes" as the positive class (0 where a denominator is 0)."""
     true_pos = sum(p == "yes" and t == "yes" for p, t in zip(predicted, truth))
     said_yes = sum(p == "yes" for p in predicted)
     positives = sum(t == "yes" for t in truth)
     precision = true_pos / said_yes if said_yes else 0.0
     recall = true_pos / positives if positives else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "pope_acc": _mean([p == t for p, t in zip(predicted, truth)]),
-        "pope_precision": precision,
-        "pope_recall": recall,
-        "pope_f1": f1,
-        "pope_yes_ratio": said_yes / len(truth),
-    }
+    return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 # Longest paraphrase first, so "t-shirt" wins over "shirt" and "pair of trousers" over any shorter word.
@@ -213,7 +234,7 @@ def garment_named(caption: str) -> str | None:
 def garment_accuracy(images: Sequence[EvalImage], captions: Sequence[str]) -> dict[str, float]:
     hits = [garment_named(c) == image.attrs.get("class_name") for image, c in zip(images, captions)
             if image.source == "fashion_mnist"]
-    return {"garment_acc": _mean(hits)} if hits else {}
+    return {**_share("garment_acc", hits), "n_garment": float(len(hits))} if hits else {}
 
 
 def _sanitize_caption(text: str) -> str:
@@ -253,7 +274,6 @@ class CaptionScorer:
 
     def score(self, predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
         """Corpus scores of one prediction per id against that id's references."""
-        from pycocoevalcap.bleu.bleu import Bleu
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
 
@@ -261,16 +281,21 @@ class CaptionScorer:
             return {}
         refs, preds = self._tokenized(predictions, references)
         scores = {}
-        if "bleu4" in self.metrics:
-            scores["bleu4"] = Bleu(4).compute_score(refs, preds, verbose=0)[0][3]
-        if "meteor" in self.metrics:
+        if "bleu4" in self.metrics:  # a corpus score: its standard error by resampling the images
+            keys = list(preds)
+            scores["bleu4"] = _bleu4(refs, preds, keys, range(len(keys)))
+            scores["bleu4_se"] = standard_errors.bootstrap(len(keys), lambda rows: _bleu4(refs, preds, keys, rows), 0)
+        if "meteor" in self.metrics:  # a corpus score too; the spread of its per-image scores stands in for its error
             if self._meteor is None:
                 raise RuntimeError("CaptionScorer is closed")
-            scores["meteor"] = self._meteor.compute_score(refs, preds)[0]
-        if "rouge_l" in self.metrics:
-            scores["rouge_l"] = Rouge().compute_score(refs, preds)[0]
+            scores["meteor"], per_image = self._meteor.compute_score(refs, preds)
+            scores["meteor_se"] = standard_errors.of_mean(per_image)
+        if "rouge_l" in self.metrics:  # ROUGE-L and CIDEr are means of per-image scores
+            scores["rouge_l"], per_image = Rouge().compute_score(refs, preds)
+            scores["rouge_l_se"] = standard_errors.of_mean(per_image)
         if "cider" in self.metrics:
-            scores["cider"] = Cider().compute_score(refs, preds)[0]
+            scores["cider"], per_image = Cider().compute_score(refs, preds)
+            scores["cider_se"] = standard_errors.of_mean(per_image)
         return {name: float(value) for name, value in scores.items()}
 
     @staticmethod
@@ -283,6 +308,15 @@ class CaptionScorer:
         tokens = PTBTokenizer().tokenize(raw)
         refs = {key: tokens[f"ref:{key}"] for key in predictions}
         return refs, {key: tokens[f"pred:{key}"] for key in predictions}
+
+
+def _bleu4(refs: dict, preds: dict, keys: list[str], rows) -> float:
+    """Corpus BLEU-4 of the images ``keys[rows]`` (an image drawn twice counts twice)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    drawn = [keys[row] for row in rows]
+    return Bleu(4).compute_score({i: refs[k] for i, k in enumerate(drawn)}, {i: preds[k] for i, k in enumerate(drawn)},
+                                 verbose=0)[0][3]
 
 
 def _mean(values: Sequence[bool | float]) -> float:
@@ -399,8 +433,9 @@ def ranked_probe(
     sums, _ = caption_nlls(model, vectors, [caption for pair in pairs for caption in pair.captions], batch_size)
     margins = (sums[1::2] - sums[0::2]).tolist()  # other minus true: positive when the truth is preferred
     picked = {pair.image: pair.truth if margin > 0 else pair.other for pair, margin in zip(pairs, margins)}
-    metrics[f"rank_{probe}_acc"] = _mean([margin > 0 for margin in margins])
+    metrics.update(_share(f"rank_{probe}_acc", [margin > 0 for margin in margins]))
     metrics[f"rank_{probe}_margin"] = _mean(margins)
+    metrics[f"rank_{probe}_margin_se"] = standard_errors.of_mean(margins)
     return metrics, picked
 
 
@@ -437,10 +472,16 @@ def evaluate_model(
 def grounding(model: MLLM, eval_set: EvalSet, cfg: EvaluateConfig) -> dict[str, float]:
     """Reference-caption NLL given the true image and given another image, and the gap between them."""
     references = [image.captions[0] for image in eval_set.images]
-    matched = caption_nll(model, eval_set.vectors, references, cfg.batch_size)
+    matched, counts = caption_nlls(model, eval_set.vectors, references, cfg.batch_size)
     others = eval_set.vectors[derangement(len(references), cfg.seed)]
-    shuffled = caption_nll(model, others, references, cfg.batch_size)
-    return {"caption_nll": matched, "caption_nll_shuffled": shuffled, "image_gain": shuffled - matched}
+    shuffled, _ = caption_nlls(model, others, references, cfg.batch_size)
+    tokens = float(counts.sum())
+    nll, nll_shuffled = float(matched.sum()) / tokens, float(shuffled.sum()) / tokens
+    return {  # per-token means over captions of different lengths: the standard error of a ratio of sums
+        "caption_nll": nll, "caption_nll_se": standard_errors.of_ratio(matched, counts),
+        "caption_nll_shuffled": nll_shuffled, "caption_nll_shuffled_se": standard_errors.of_ratio(shuffled, counts),
+        "image_gain": nll_shuffled - nll, "image_gain_se": standard_errors.of_ratio(shuffled - matched, counts),
+    }
 
 
 def caption_rows(
