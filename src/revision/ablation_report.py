@@ -78,7 +78,7 @@ def comparisons(groups: dict) -> dict[tuple, Verdict]:
     over every comparison of the report; pairs that ran on other encoder builds or precisions are left out."""
     raw = {}
     for key, reference in reference_pairs(groups):
-        seeds = matched_seeds(groups[key], groups[reference])
+        seeds, _ = split_seeds(groups[key], groups[reference])
         for checkpoint, metric in HEADLINE:
             raw[(key, reference, checkpoint, metric)] = seed_paired(groups[key], groups[reference], checkpoint, metric, seeds)
     tested = [k for k, difference in raw.items() if difference is not None]
@@ -261,9 +261,9 @@ def _comparisons(pairs: list[tuple], groups: dict, heading: str, verdicts: dict)
         return []
     lines = [heading, ""]
     for key, reference in pairs:
-        mismatched = unpaired_arms(groups[key], groups[reference])
+        matched, mismatched = split_seeds(groups[key], groups[reference])
         left_out = f"seeds left out, another encoder build or precision: {'; '.join(mismatched)}"
-        if mismatched and len(matched_seeds(groups[key], groups[reference])) < 2:
+        if mismatched and len(matched) < 2:
             lines.append(f"- {_label(key)} vs {_label(reference)}: not compared, fewer than two seeds ran on the same "
                          f"encoder build and precision ({left_out})")
             continue
@@ -273,17 +273,13 @@ def _comparisons(pairs: list[tuple], groups: dict, heading: str, verdicts: dict)
     return lines + [""]
 
 
-def matched_seeds(a: list[Result], b: list[Result]) -> set[int]:
-    """The seeds whose two experiments ran on the same encoder build and at the same precisions (``arm``)."""
+def split_seeds(a: list[Result], b: list[Result]) -> tuple[set[int], list[str]]:
+    """The seeds both ran on the same encoder build and at the same precisions (``arm``), and the others, named:
+    those are never paired."""
     arms_a, arms_b = {r.seed: arm(r) for r in a}, {r.seed: arm(r) for r in b}
-    return {seed for seed in arms_a.keys() & arms_b.keys() if arms_a[seed] == arms_b[seed]}
-
-
-def unpaired_arms(a: list[Result], b: list[Result]) -> list[str]:
-    """The seeds whose two experiments differ in encoder build or precision (``arm``), named: they are never paired."""
-    arms_a, arms_b = {r.seed: arm(r) for r in a}, {r.seed: arm(r) for r in b}
-    both = sorted(set(arms_a) & set(arms_b))
-    return [f"seed {seed}: {arms_a[seed]} vs {arms_b[seed]}" for seed in both if arms_a[seed] != arms_b[seed]]
+    both = sorted(arms_a.keys() & arms_b.keys())
+    matched = {seed for seed in both if arms_a[seed] == arms_b[seed]}
+    return matched, [f"seed {seed}: {arms_a[seed]} vs {arms_b[seed]}" for seed in both if seed not in matched]
 
 
 def _label(key: tuple[str, str]) -> str:

@@ -356,12 +356,6 @@ def caption_nlls(
     return torch.cat(sums), torch.cat(counts)
 
 
-def caption_nll(model: MLLM, vectors: torch.Tensor, references: Sequence[str], batch_size: int) -> float:
-    """Mean per-token NLL of ``references``, every token weighted equally."""
-    sums, counts = caption_nlls(model, vectors, references, batch_size)
-    return float(sums.sum() / counts.sum()) if int(counts.sum()) else float("nan")
-
-
 def derangement(n: int, seed: int) -> list[int]:
     """A seeded permutation that moves every index (identity for n < 2): each caption gets another image."""
     order = list(range(n))

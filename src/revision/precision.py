@@ -14,8 +14,9 @@ from typing import Literal
 
 import torch
 
-Precision = Literal["no", "bf16", "fp16"]
-Requested = Literal["no", "bf16", "fp16", "auto"]
+from revision.config import MixedPrecision
+
+Precision = Literal["no", "bf16", "fp16"]  # what a stage computes in: params' MixedPrecision once auto is resolved
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the instructions that multiply bf16
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -43,7 +44,7 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
-def resolve(requested: Requested, device: torch.device | str) -> Precision:
+def resolve(requested: MixedPrecision, device: torch.device | str) -> Precision:
     """What a stage computes in on ``device``: ``auto`` becomes bf16 where it is native, else ``no`` (fp32)."""
     if requested == "auto":
         return "bf16" if native_bf16(device) else "no"
